@@ -1,0 +1,146 @@
+"""Low-level access to the MongoDB collections behind a FiftyOne dataset.
+
+Everything that talks to pymongo directly lives in the core; this module holds
+the pieces that several core modules share.
+"""
+
+import fiftyone.core.dataset as fod
+import fiftyone.core.odm as foo
+import fiftyone.core.sample as fos
+from bson import ObjectId
+
+from .errors import BulkLabelingError
+
+#: Number of sample ids per bulk write. 100k ids keep each update command,
+#: and each journal chunk that stores them, far below MongoDB's 16 MB limit
+ID_BATCH_SIZE = 100_000
+
+OPERATIONS_COLLECTION = "bulk_labeling.operations"
+TARGETS_COLLECTION = "bulk_labeling.targets"
+UNDO_COLLECTION = "bulk_labeling.undo"
+STATE_COLLECTION = "bulk_labeling.state"
+
+
+def get_db():
+    """Returns the pymongo database that FiftyOne is connected to."""
+    return foo.get_db_conn()
+
+
+def sample_coll(sample_collection):
+    """Returns the pymongo collection that stores the samples of a dataset or
+    view."""
+    return sample_collection._dataset._sample_collection
+
+
+def require_sample_view(sample_collection):
+    """Raises a clear error unless the collection's documents are samples of
+    a regular dataset (not patches, frames or clips)."""
+    dataset = sample_collection._dataset
+    if dataset._is_generated or dataset.media_type == "group":
+        raise BulkLabelingError(
+            "Bulk labeling works on the samples of a dataset; this view's "
+            "documents are %s. Select the samples in the regular grid "
+            "instead" % ("groups" if dataset.media_type == "group" else
+                         "patches, frames or clips")
+        )
+
+
+def is_full_dataset(sample_collection):
+    return isinstance(sample_collection, fod.Dataset)
+
+
+def iter_id_batches(sample_collection, batch_size=ID_BATCH_SIZE):
+    """Streams the sample ids of a collection in batches, never holding more
+    than one batch in memory."""
+    coll = sample_coll(sample_collection)
+    if is_full_dataset(sample_collection):
+        cursor = coll.find({}, {"_id": 1}, batch_size=batch_size)
+    else:
+        pipeline = sample_collection._pipeline() + [{"$project": {"_id": 1}}]
+        cursor = coll.aggregate(
+            pipeline, allowDiskUse=True, batchSize=batch_size
+        )
+
+    batch = []
+    for doc in cursor:
+        batch.append(doc["_id"])
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+
+    if batch:
+        yield batch
+
+
+def reload_samples(dataset):
+    """Refreshes in-memory :class:`fiftyone.core.sample.Sample` objects after
+    raw database writes, as FiftyOne's own bulk writes do."""
+    fos.Sample._reload_docs(dataset._sample_collection_name)
+
+
+def allocate_id_prefixes(dataset, count):
+    """Atomically reserves ``count`` distinct 4-byte ObjectId prefixes for a
+    dataset.
+
+    A prefix is a Unix timestamp of now or slightly later, so the ids built
+    from it look like ordinary ObjectIds. Label ids are built server-side as
+    ``prefix + the last 8 bytes of the sample id``: unique per (prefix,
+    sample), and a prefix is never handed out twice for the same dataset.
+
+    Returns:
+        a list of 8-character hex strings
+    """
+    if count <= 0:
+        return []
+
+    state = get_db()[STATE_COLLECTION]
+    now = int(ObjectId().generation_time.timestamp())
+    doc = state.find_one_and_update(
+        {"_id": dataset._doc.id},
+        [
+            {
+                "$set": {
+                    "next_id_prefix": {
+                        "$add": [
+                            {"$max": [{"$ifNull": ["$next_id_prefix", 0]}, now]},
+                            count,
+                        ]
+                    }
+                }
+            }
+        ],
+        upsert=True,
+        return_document=True,
+    )
+    end = doc["next_id_prefix"]
+    return ["%08x" % value for value in range(end - count, end)]
+
+
+def generated_id_expr(prefix):
+    """Returns the aggregation expression of the id that ``prefix`` gives to
+    the label it creates on the current sample."""
+    return {
+        "$toObjectId": {
+            "$concat": [prefix, {"$substrBytes": [{"$toString": "$_id"}, 8, 16]}]
+        }
+    }
+
+
+def generated_id(prefix, sample_id):
+    """Python twin of :func:`generated_id_expr`."""
+    return ObjectId(prefix + str(sample_id)[8:])
+
+
+def iter_query_id_batches(dataset, query, batch_size=ID_BATCH_SIZE):
+    """Streams, in batches, the ids of the dataset's samples that match a
+    MongoDB query."""
+    cursor = sample_coll(dataset).find(query, {"_id": 1}, batch_size=batch_size)
+    batch = []
+    for doc in cursor:
+        batch.append(doc["_id"])
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+
+    if batch:
+        yield batch

@@ -1,0 +1,833 @@
+"""The operation journal: an audit log, exact undo and crash safety for every
+bulk operation.
+
+Every bulk operation is an :class:`Operation`. Its record lives in a
+collection of its own (never inside the sample documents) and moves through
+these statuses::
+
+    pending -> applied            (the normal case)
+    pending -> failed             (an error before any sample was written)
+    applied/pending -> undone     (see :func:`undo`)
+
+A process that dies mid-way leaves its record ``pending``: never an undetected
+half-applied state. :func:`pending_operations` surfaces such records, and
+:func:`resume` or :func:`undo` brings the dataset to all-or-nothing.
+
+An operation runs in two phases, so that it can be resumed or undone from any
+point:
+
+1.  **targeting**: the ids of the targeted samples are stored in chunks of
+    :data:`bulk_labeling.core.database.ID_BATCH_SIZE`;
+2.  **writing**: each chunk is captured (the prior state that the write will
+    destroy is copied into the undo collection) and then written, and the
+    chunk is marked done.
+
+How to invert an operation is described by a list of *inverse steps* of a few
+generic kinds, so that undo does not depend on the module that wrote:
+
+-   ``pull_labels``: labels created by the operation, whose ids are derived
+    from the operation's id prefixes (see
+    :func:`bulk_labeling.core.database.allocate_id_prefixes`), are removed;
+-   ``restore_labels``: labels captured before they were removed or renamed
+    are put back with the same ids;
+-   ``restore_values``: values of a field (or of top-level keys of a field)
+    captured with the value the operation wrote are restored where the sample
+    still holds what the operation wrote;
+-   ``delete_samples``: samples the operation added are deleted.
+
+Undo never clobbers a later change: a sample changed again since the
+operation is reported as a conflict and left alone.
+"""
+
+import datetime
+import logging
+
+import pymongo
+from bson import ObjectId
+
+from . import database as db
+from .errors import BulkLabelingError
+from .progress import Progress
+
+logger = logging.getLogger(__name__)
+
+PENDING = "pending"
+APPLIED = "applied"
+FAILED = "failed"
+UNDONE = "undone"
+
+#: Operation types registered by the core modules, mapped to the function
+#: that (re)runs their writing phase. Filled by :func:`register_writer`
+_WRITERS = {}
+
+_indexes_ready = set()
+
+
+def register_writer(op_type, writer):
+    """Registers the function that runs the writing phase of an operation
+    type, so that :func:`resume` can finish an interrupted run.
+
+    ``writer(dataset, operation)`` must be a generator of
+    :class:`bulk_labeling.core.progress.Progress` that processes
+    ``operation.iter_pending_batches()`` and returns nothing.
+    """
+    _WRITERS[op_type] = writer
+
+
+def _collections():
+    conn = db.get_db()
+    ops = conn[db.OPERATIONS_COLLECTION]
+    targets = conn[db.TARGETS_COLLECTION]
+    undo = conn[db.UNDO_COLLECTION]
+    key = id(conn.client)
+    if key not in _indexes_ready:
+        ops.create_index(
+            [("dataset_id", pymongo.ASCENDING), ("started_at", pymongo.DESCENDING)]
+        )
+        targets.create_index(
+            [("op_id", pymongo.ASCENDING), ("seq", pymongo.ASCENDING)]
+        )
+        undo.create_index(
+            [
+                ("op_id", pymongo.ASCENDING),
+                ("step", pymongo.ASCENDING),
+                ("sample_id", pymongo.ASCENDING),
+            ]
+        )
+        _indexes_ready.add(key)
+
+    return ops, targets, undo
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+class Operation(object):
+    """A journaled bulk operation.
+
+    Args:
+        dataset: the :class:`fiftyone.core.dataset.Dataset`
+        record: the operation's record, as stored
+    """
+
+    def __init__(self, dataset, record):
+        self.dataset = dataset
+        self.record = record
+
+    @property
+    def id(self):
+        return self.record["_id"]
+
+    @property
+    def operation_id(self):
+        return str(self.record["_id"])
+
+    @property
+    def type(self):
+        return self.record["type"]
+
+    @property
+    def params(self):
+        return self.record["params"]
+
+    @property
+    def inverse(self):
+        return self.record["inverse"]
+
+    @classmethod
+    def begin(cls, dataset, op_type, params, inverse, target=None, user=None):
+        """Creates the ``pending`` record of a new operation.
+
+        Args:
+            dataset: the dataset
+            op_type: the operation type, e.g. ``"label_as"``
+            params: a JSON-able dict of the operation's parameters
+            inverse: the list of inverse steps (see module docs)
+            target (None): a JSON-able description of how the target was
+                chosen
+            user (None): the user, when FiftyOne knows one
+        """
+        ops, _, _ = _collections()
+        record = {
+            "_id": ObjectId(),
+            "dataset_id": dataset._doc.id,
+            "dataset_name": dataset.name,
+            "type": op_type,
+            "params": params,
+            "target": dict(target or {}, count=0),
+            "user": user,
+            "started_at": _now(),
+            "ended_at": None,
+            "status": PENDING,
+            "stage": "targeting",
+            "num_batches": 0,
+            "batches_done": 0,
+            "matched": 0,
+            "changed": 0,
+            "inverse": inverse,
+        }
+        ops.insert_one(record)
+        return cls(dataset, record)
+
+    @classmethod
+    def load(cls, dataset, operation_id):
+        ops, _, _ = _collections()
+        try:
+            _id = ObjectId(str(operation_id))
+        except Exception:
+            raise BulkLabelingError(
+                "'%s' is not a valid operation id" % operation_id
+            )
+
+        record = ops.find_one({"_id": _id, "dataset_id": dataset._doc.id})
+        if record is None:
+            raise BulkLabelingError(
+                "Dataset '%s' has no bulk operation '%s'"
+                % (dataset.name, operation_id)
+            )
+
+        return cls(dataset, record)
+
+    def _update(self, **fields):
+        ops, _, _ = _collections()
+        ops.update_one({"_id": self.id}, {"$set": fields})
+        self.record.update(fields)
+
+    def store_target_ids(self, id_batches):
+        """Stores the targeted sample ids (targeting phase).
+
+        Args:
+            id_batches: an iterable of lists of sample ``ObjectId``
+
+        Returns:
+            the number of targeted samples
+        """
+        _, targets, _ = _collections()
+        count = 0
+        seq = 0
+        for ids in id_batches:
+            targets.insert_one({"op_id": self.id, "seq": seq, "ids": ids})
+            seq += 1
+            count += len(ids)
+
+        target = dict(self.record["target"], count=count)
+        self._update(target=target, num_batches=seq, stage="writing")
+        return count
+
+    def iter_target_batches(self, start=0):
+        """Yields ``(seq, ids)`` for every stored chunk of target ids."""
+        _, targets, _ = _collections()
+        cursor = targets.find(
+            {"op_id": self.id, "seq": {"$gte": start}}, {"ids": 1, "seq": 1}
+        ).sort("seq", 1)
+        for chunk in cursor:
+            yield chunk["seq"], chunk["ids"]
+
+    def iter_pending_batches(self):
+        """Yields ``(seq, ids)`` for the chunks not yet written."""
+        return self.iter_target_batches(start=self.record["batches_done"])
+
+    def batch_done(self, seq, matched, changed):
+        """Marks a chunk written and adds its counts, in one atomic update."""
+        ops, _, _ = _collections()
+        ops.update_one(
+            {"_id": self.id},
+            {
+                "$set": {"batches_done": seq + 1},
+                "$inc": {"matched": matched, "changed": changed},
+            },
+        )
+        self.record["batches_done"] = seq + 1
+        self.record["matched"] += matched
+        self.record["changed"] += changed
+
+    def capture(self, pipeline, step):
+        """Copies prior state into the undo collection, server-side.
+
+        Args:
+            pipeline: an aggregation pipeline over the sample collection whose
+                output documents have a ``sample_id`` and the captured data
+            step: the index of the inverse step the capture belongs to
+        """
+        coll = db.sample_coll(self.dataset)
+        tail = [
+            {"$addFields": {"op_id": self.id, "step": step}},
+            {"$project": {"_id": 0}},
+            {"$merge": {"into": db.UNDO_COLLECTION, "whenMatched": "fail"}},
+        ]
+        # Resuming a chunk whose capture already ran must not capture the
+        # state that the interrupted write left behind
+        if self.record["stage"] == "writing" and self._has_capture(
+            pipeline, step
+        ):
+            return
+
+        list(coll.aggregate(pipeline + tail, allowDiskUse=True))
+
+    def _has_capture(self, pipeline, step):
+        match = pipeline[0].get("$match", {})
+        ids = match.get("_id", {}).get("$in")
+        if not ids:
+            return False
+
+        _, _, undo = _collections()
+        return (
+            undo.find_one(
+                {"op_id": self.id, "step": step, "sample_id": {"$in": ids}},
+                {"_id": 1},
+            )
+            is not None
+        )
+
+    def finish(self, **extra):
+        """Marks the operation applied."""
+        self._update(status=APPLIED, stage="done", ended_at=_now(), **extra)
+
+    def fail(self, error):
+        """Marks an operation that wrote nothing as failed."""
+        self._update(status=FAILED, ended_at=_now(), error=str(error))
+
+    def summary(self):
+        """Returns the JSON-able summary used by ``bulk_history``."""
+        r = self.record
+        return {
+            "operation_id": str(r["_id"]),
+            "type": r["type"],
+            "status": r["status"],
+            "params": r["params"],
+            "target": r["target"],
+            "user": r.get("user"),
+            "matched": r["matched"],
+            "changed": r["changed"],
+            "started_at": _iso(r["started_at"]),
+            "ended_at": _iso(r.get("ended_at")),
+            "undone_by": r.get("undone_by"),
+            "conflicts": r.get("conflicts"),
+            "error": r.get("error"),
+        }
+
+
+def _iso(value):
+    return value.isoformat() + "Z" if value is not None else None
+
+
+def run_operation(dataset, op_type, params, inverse, id_batches, writer,
+                  target=None, user=None):
+    """Runs a journaled operation: begin, targeting, writing, finish.
+
+    A generator of :class:`Progress` events that returns the finished
+    :class:`Operation`.
+    """
+    op = Operation.begin(
+        dataset, op_type, params, inverse, target=target, user=user
+    )
+    try:
+        op.store_target_ids(id_batches)
+    except Exception as e:
+        op.fail(e)
+        raise
+
+    yield from writer(dataset, op)
+    op.finish()
+    db.reload_samples(dataset)
+    return op
+
+
+def list_operations(dataset, limit=50, types=None, statuses=None):
+    """Returns summaries of the dataset's bulk operations, newest first.
+
+    Args:
+        dataset: the dataset
+        limit (50): the maximum number of operations to return
+        types (None): only operations of these types
+        statuses (None): only operations with these statuses
+    """
+    ops, _, _ = _collections()
+    query = {"dataset_id": dataset._doc.id}
+    if types:
+        query["type"] = {"$in": list(types)}
+    if statuses:
+        query["status"] = {"$in": list(statuses)}
+
+    cursor = ops.find(query).sort("started_at", -1).limit(int(limit or 0))
+    return [Operation(dataset, r).summary() for r in cursor]
+
+
+def pending_operations(dataset):
+    """Returns the summaries of operations left ``pending`` by a process
+    that died, or that is still running."""
+    return list_operations(dataset, limit=0, statuses=[PENDING])
+
+
+def warn_pending(dataset):
+    """Logs a warning for every interrupted operation of the dataset.
+
+    Returns:
+        the pending summaries
+    """
+    pending = pending_operations(dataset)
+    for summary in pending:
+        logger.warning(
+            "Bulk operation %s (%s) on dataset '%s' did not finish: it may "
+            "be half-applied. Run bulk_labeling.resume(dataset, '%s') or "
+            "bulk_labeling.undo(dataset, '%s')",
+            summary["operation_id"],
+            summary["type"],
+            dataset.name,
+            summary["operation_id"],
+            summary["operation_id"],
+        )
+
+    return pending
+
+
+def latest_operation_id(dataset):
+    """Returns the id of the latest operation that can be undone."""
+    ops, _, _ = _collections()
+    record = ops.find_one(
+        {
+            "dataset_id": dataset._doc.id,
+            "status": {"$in": [APPLIED, PENDING]},
+            "type": {"$ne": "undo"},
+        },
+        sort=[("started_at", -1)],
+    )
+    if record is None:
+        raise BulkLabelingError(
+            "Dataset '%s' has no bulk operation to undo" % dataset.name
+        )
+
+    return str(record["_id"])
+
+
+def iter_resume(dataset, operation_id):
+    """Finishes an interrupted (``pending``) operation. A generator of
+    :class:`Progress` that returns the operation's summary."""
+    op = Operation.load(dataset, operation_id)
+    if op.record["status"] != PENDING:
+        raise BulkLabelingError(
+            "Operation %s is %s; only pending operations can be resumed"
+            % (operation_id, op.record["status"])
+        )
+
+    if op.record["stage"] == "targeting":
+        # Nothing was written to any sample
+        op.fail("interrupted before any sample was written; run it again")
+        return op.summary()
+
+    writer = _WRITERS.get(op.type)
+    if writer is None:
+        raise BulkLabelingError(
+            "Operations of type '%s' cannot be resumed" % op.type
+        )
+
+    yield from writer(dataset, op)
+    op.finish(resumed=True)
+    db.reload_samples(dataset)
+    return op.summary()
+
+
+def iter_undo(dataset, operation_id=None, dry_run=False, user=None):
+    """Undoes an operation, restoring the exact prior state of the samples it
+    changed, except where a sample was changed again since; those are
+    reported as conflicts and left alone.
+
+    A generator of :class:`Progress` that returns a dict with
+    ``operation_id`` (the undo's own journal id), ``undone`` (the id of the
+    undone operation), ``matched``, ``changed`` and ``conflicts``.
+    """
+    if operation_id is None:
+        operation_id = latest_operation_id(dataset)
+
+    op = Operation.load(dataset, operation_id)
+    status = op.record["status"]
+    if status not in (APPLIED, PENDING):
+        raise BulkLabelingError(
+            "Operation %s is %s and cannot be undone" % (operation_id, status)
+        )
+
+    if op.type == "undo":
+        raise BulkLabelingError("An undo cannot itself be undone")
+
+    total = op.record["target"]["count"]
+    stats = {"matched": 0, "changed": 0, "conflicts": []}
+
+    if dry_run:
+        for seq, ids in op.iter_target_batches():
+            stats["matched"] += len(ids)
+        return dict(
+            operation_id=None, undone=op.operation_id, dry_run=True, **stats
+        )
+
+    journal = Operation.begin(
+        dataset,
+        "undo",
+        {"operation_id": op.operation_id},
+        inverse=[],
+        target={"kind": "operation", "operation_id": op.operation_id},
+        user=user,
+    )
+    journal._update(stage="writing")
+
+    if op.record["stage"] != "targeting":
+        done = 0
+        for seq, ids in op.iter_target_batches():
+            stats["matched"] += len(ids)
+            changed = set()
+            for index, step in enumerate(op.inverse):
+                undo_step = _UNDO_STEPS[step["kind"]]
+                changed |= undo_step(dataset, op, index, step, ids, stats)
+
+            stats["changed"] += len(changed)
+            done += len(ids)
+            yield Progress(done, total, "Undoing %s" % op.type)
+
+    conflicts = stats["conflicts"][:100]
+    num_conflicts = len(stats["conflicts"])
+    op._update(status=UNDONE, undone_by=journal.operation_id,
+               conflicts=num_conflicts)
+    journal._update(target={"kind": "operation", "count": stats["matched"],
+                            "operation_id": op.operation_id})
+    journal.finish(matched=stats["matched"], changed=stats["changed"],
+                   conflicts=num_conflicts)
+    journal.record.update(matched=stats["matched"], changed=stats["changed"])
+    db.reload_samples(dataset)
+
+    return {
+        "operation_id": journal.operation_id,
+        "undone": op.operation_id,
+        "matched": stats["matched"],
+        "changed": stats["changed"],
+        "conflicts": conflicts,
+        "num_conflicts": num_conflicts,
+    }
+
+
+def _iter_captures(op, step_index, ids):
+    _, _, undo = _collections()
+    return undo.find(
+        {"op_id": op.id, "step": step_index, "sample_id": {"$in": ids}}
+    )
+
+
+def _undo_pull_labels(dataset, op, index, step, ids, stats):
+    """Removes the labels the operation created, identified by their
+    derived ids."""
+    field = step["field"]
+    created = [db.generated_id_expr(p) for p in step["prefixes"]]
+    current = {"$ifNull": ["$%s.classifications" % field, []]}
+    kept = {
+        "$filter": {
+            "input": current,
+            "cond": {"$not": [{"$in": ["$$this._id", created]}]},
+        }
+    }
+    has_created = {
+        "$anyElementTrue": [
+            {"$map": {"input": current, "in": {"$in": ["$$this._id", created]}}}
+        ]
+    }
+    coll = db.sample_coll(dataset)
+    changed = coll.distinct(
+        "_id", {"_id": {"$in": ids}, "$expr": has_created}
+    )
+    if changed:
+        coll.update_many(
+            {"_id": {"$in": changed}},
+            [
+                {
+                    "$set": {
+                        "%s.classifications" % field: kept,
+                        "last_modified_at": "$$NOW",
+                    }
+                }
+            ],
+        )
+
+    return set(changed)
+
+
+def _undo_restore_labels(dataset, op, index, step, ids, stats):
+    """Puts captured labels back, with their ids.
+
+    A captured label still present with the value the operation wrote
+    (``written_label``, for renames) gets its prior value back; one that is
+    gone is re-added unless the sample has regained a label of that name
+    since, which is a conflict.
+    """
+    field = step["field"]
+    written = step.get("written_label")
+    path = "%s.classifications" % field
+    coll = db.sample_coll(dataset)
+
+    ops = []
+    changed = set()
+    for capture in _iter_captures(op, index, ids):
+        sample_id = capture["sample_id"]
+        labels = capture["labels"]
+        doc = coll.find_one({"_id": sample_id}, {path: 1}) or {}
+        current = (doc.get(field) or {}).get("classifications") or []
+        by_id = {c.get("_id"): c for c in current}
+        names = {c.get("label") for c in current}
+
+        to_reset = []
+        to_add = []
+        for label in labels:
+            now = by_id.get(label["_id"])
+            if now is not None:
+                if now == label:
+                    continue
+                if written is not None and now.get("label") == written:
+                    to_reset.append(label)
+                else:
+                    stats["conflicts"].append(
+                        _conflict(sample_id, field, label, "label was changed")
+                    )
+            elif label["label"] in names:
+                stats["conflicts"].append(
+                    _conflict(sample_id, field, label, "concept was re-added")
+                )
+            else:
+                to_add.append(label)
+
+        if not to_reset and not to_add:
+            continue
+
+        # The conditions are re-checked server-side, so an edit that lands
+        # between the read above and this write is never clobbered
+        current_expr = {"$ifNull": ["$" + path, []]}
+        current_ids = {"$map": {"input": current_expr, "in": "$$this._id"}}
+        current_names = {"$map": {"input": current_expr, "in": "$$this.label"}}
+        if to_reset:
+            current_expr = {
+                "$map": {
+                    "input": current_expr,
+                    "in": _switch_by_id(to_reset, written),
+                }
+            }
+
+        addable = {
+            "$filter": {
+                "input": {"$literal": to_add},
+                "cond": {
+                    "$and": [
+                        {"$not": [{"$in": ["$$this._id", current_ids]}]},
+                        {"$not": [{"$in": ["$$this.label", current_names]}]},
+                    ]
+                },
+            }
+        }
+        container = {
+            "$cond": [
+                {"$eq": [{"$type": "$" + field}, "object"]},
+                "$" + field,
+                {"_cls": "Classifications"},
+            ]
+        }
+        new_field = {
+            "$mergeObjects": [
+                container,
+                {"classifications": {"$concatArrays": [current_expr, addable]}},
+            ]
+        }
+        ops.append(
+            pymongo.UpdateOne(
+                {"_id": sample_id},
+                [{"$set": {field: new_field, "last_modified_at": "$$NOW"}}],
+            )
+        )
+        changed.add(sample_id)
+
+    if ops:
+        coll.bulk_write(ops, ordered=False)
+
+    return changed
+
+
+def _switch_by_id(labels, written):
+    """A $map body that swaps each label back to its captured value if it
+    still holds the written value."""
+    branches = [
+        {
+            "case": {
+                "$and": [
+                    {"$eq": ["$$this._id", label["_id"]]},
+                    {"$eq": ["$$this.label", {"$literal": written}]},
+                ]
+            },
+            "then": {"$literal": label},
+        }
+        for label in labels
+    ]
+    return {"$switch": {"branches": branches, "default": "$$this"}}
+
+
+def _conflict(sample_id, field, label, reason):
+    return {
+        "sample_id": str(sample_id),
+        "field": field,
+        "label": label.get("label"),
+        "reason": reason,
+    }
+
+
+def _undo_restore_values(dataset, op, index, step, ids, stats):
+    """Restores captured values where the sample still holds exactly what
+    the operation wrote.
+
+    ``step`` holds ``field``, ``keys`` (top-level keys of the field, or
+    ``None`` for the whole field) and ``after_if_missing``: what the
+    operation wrote on samples that held nothing there (those are not
+    captured). A capture holds ``prior`` and ``after`` dicts keyed like
+    ``keys`` (``""`` for the whole field); a missing key means "absent".
+    """
+    field = step["field"]
+    keys = step["keys"] if step.get("keys") is not None else [""]
+    coll = db.sample_coll(dataset)
+
+    def path(key):
+        return field if key == "" else "%s.%s" % (field, key)
+
+    ops = []
+    changed = set()
+    captured = set()
+    for capture in _iter_captures(op, index, ids):
+        sample_id = capture["sample_id"]
+        captured.add(sample_id)
+        prior = capture.get("prior", {})
+        after = capture.get("after", {})
+        conds = {}
+        for key in keys:
+            if prior.get(key, _MISSING) == after.get(key, _MISSING):
+                continue
+            conds[key] = _holds_expr(path(key), after.get(key, _MISSING))
+
+        if not conds:
+            continue
+
+        doc = coll.find_one({"_id": sample_id}, {field: 1}) or {}
+        restorable = {}
+        for key, cond in conds.items():
+            if _get_path(doc, path(key)) == after.get(key, _MISSING):
+                restorable[key] = cond
+            else:
+                stats["conflicts"].append(
+                    {
+                        "sample_id": str(sample_id),
+                        "field": path(key),
+                        "reason": "value was changed after the operation",
+                    }
+                )
+
+        if not restorable:
+            continue
+
+        sets = {
+            path(key): {
+                "$cond": [cond, _value_expr(prior.get(key, _MISSING)), "$" + path(key)]
+            }
+            for key, cond in restorable.items()
+        }
+        any_cond = {"$or": list(restorable.values())}
+        ops.append(
+            pymongo.UpdateOne(
+                {"_id": sample_id, "$expr": any_cond},
+                [{"$set": dict(sets, last_modified_at="$$NOW")}],
+            )
+        )
+        changed.add(sample_id)
+
+    if ops:
+        coll.bulk_write(ops, ordered=False)
+
+    # Samples that held nothing before: remove what the operation wrote
+    after_if_missing = step.get("after_if_missing")
+    if after_if_missing is not None:
+        uncaptured = [i for i in ids if i not in captured]
+        conds = {
+            key: _holds_expr(path(key), after_if_missing[key])
+            for key in keys
+            if key in after_if_missing
+        }
+        if uncaptured and conds:
+            query = {"_id": {"$in": uncaptured}, "$expr": {"$or": list(conds.values())}}
+            hits = coll.distinct("_id", query)
+            if hits:
+                coll.update_many(
+                    {"_id": {"$in": hits}},
+                    [
+                        {
+                            "$set": dict(
+                                {
+                                    path(key): {"$cond": [cond, "$$REMOVE", "$" + path(key)]}
+                                    for key, cond in conds.items()
+                                },
+                                last_modified_at="$$NOW",
+                            )
+                        }
+                    ],
+                )
+                changed.update(hits)
+
+    return changed
+
+
+class _Missing(object):
+    def __repr__(self):
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
+def _holds_expr(path, value):
+    if value is _MISSING:
+        return {"$eq": [{"$type": "$" + path}, "missing"]}
+
+    return {"$eq": ["$" + path, {"$literal": value}]}
+
+
+def _value_expr(value):
+    return "$$REMOVE" if value is _MISSING else {"$literal": value}
+
+
+def _get_path(doc, path):
+    value = doc
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+
+    return value
+
+
+def _undo_delete_samples(dataset, op, index, step, ids, stats):
+    """Deletes the samples the operation added, unless they were modified
+    after it."""
+    ended_at = op.record.get("ended_at") or _now()
+    coll = db.sample_coll(dataset)
+    untouched = coll.distinct(
+        "_id", {"_id": {"$in": ids}, "last_modified_at": {"$lte": ended_at}}
+    )
+    for sample_id in set(ids) - set(untouched):
+        if coll.find_one({"_id": sample_id}, {"_id": 1}) is not None:
+            stats["conflicts"].append(
+                {
+                    "sample_id": str(sample_id),
+                    "reason": "sample was modified after it was added",
+                }
+            )
+
+    if untouched:
+        dataset.delete_samples([str(i) for i in untouched])
+
+    return set(untouched)
+
+
+_UNDO_STEPS = {
+    "pull_labels": _undo_pull_labels,
+    "restore_labels": _undo_restore_labels,
+    "restore_values": _undo_restore_values,
+    "delete_samples": _undo_delete_samples,
+}

@@ -1,0 +1,165 @@
+"""Shared plumbing of the operators: targets, progress relay and results.
+
+Operators are thin adapters: they build forms, parse params, call the core
+and report back. No database logic lives here.
+"""
+
+import fiftyone.operators.types as types
+from fiftyone.operators.constants import ViewTarget
+
+from ..core.errors import BulkLabelingError
+from ..core.progress import Progress
+
+TARGET_LABELS = {
+    ViewTarget.SELECTED_SAMPLES: "the selected samples",
+    ViewTarget.CURRENT_VIEW: "the current view",
+    ViewTarget.DATASET: "the whole dataset",
+}
+
+
+def default_target(ctx):
+    """The selected samples if any are selected, else the current view."""
+    return (
+        ViewTarget.SELECTED_SAMPLES if ctx.selected else ViewTarget.CURRENT_VIEW
+    )
+
+
+def target_view(ctx):
+    """Resolves the samples an operator acts on.
+
+    ``view_target`` is FiftyOne's standard choice (``SELECTED_SAMPLES``,
+    ``CURRENT_VIEW``, ``DATASET``); when the caller names none, the selection
+    wins over the view.
+    """
+    if ctx.dataset is None:
+        raise BulkLabelingError("No dataset is loaded")
+
+    if not (ctx.params.get("view_target") or ctx.request_params.get("view_target")):
+        ctx.params["view_target"] = default_target(ctx)
+
+    return ctx.target_view()
+
+
+def describe_target(ctx):
+    target = ctx.params.get("view_target") or default_target(ctx)
+    return {"kind": target, "label": TARGET_LABELS.get(target, target)}
+
+
+def user_of(ctx):
+    """The user, when FiftyOne knows one (FiftyOne Enterprise)."""
+    try:
+        user = getattr(ctx, "user", None)
+        if user is not None and getattr(user, "email", None):
+            return user.email
+        return ctx.user_id
+    except Exception:
+        return None
+
+
+def relay(ctx, steps):
+    """Runs a core generator, relaying its progress to the App (or to the
+    delegated operation's record) and returning its result.
+
+    Use as ``result = yield from relay(ctx, steps)`` in a generator
+    ``execute``.
+    """
+    while True:
+        try:
+            event = next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+        if not isinstance(event, Progress):
+            continue
+
+        label = "%s: %d / %d" % (event.label, event.done, event.total)
+        if ctx.delegated:
+            ctx.set_progress(progress=event.fraction, label=label)
+        else:
+            yield ctx.ops.set_progress(progress=event.fraction, label=label)
+
+
+def param_list(ctx, name):
+    """A list param that the App may send as a list, a string or null."""
+    value = ctx.params.get(name)
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    return list(value)
+
+
+def add_dry_run_input(inputs):
+    inputs.bool(
+        "dry_run",
+        default=False,
+        label="Dry run",
+        description="Only count what would change; write nothing",
+        view=types.CheckboxView(),
+    )
+
+
+def show_result(outputs, with_conflicts=False):
+    outputs.str("operation_id", label="Operation id")
+    outputs.int("matched", label="Samples targeted")
+    outputs.int("changed", label="Samples changed")
+    if with_conflicts:
+        outputs.int("num_conflicts", label="Conflicts left alone")
+    return outputs
+
+
+def streams_to_app(ctx):
+    """Whether this run can stream progress to an App.
+
+    FiftyOne discards what a generator ``execute`` returns when it is run by
+    :func:`fiftyone.operators.execute_operator` or by a delegated worker, so
+    operators stream only to the App (whose requests name their
+    ``operator_uri``) and return their result everywhere else.
+    """
+    return not ctx.delegated and "operator_uri" in ctx.request_params
+
+
+def execute_steps(ctx, operator, steps_factory, after=None):
+    """Runs a core generator the way the caller can consume it.
+
+    Args:
+        ctx: the execution context
+        operator: the operator, whose ``resolve_output`` renders the result
+        steps_factory: a callable returning the core generator; called inside
+            the run so that validation errors surface the same way
+        after (None): a callable ``(ctx, result)`` returning App operations
+            to trigger on success (reload the grid, set a view, ...)
+
+    Returns:
+        the result dict, or a generator for the App
+    """
+    if not streams_to_app(ctx):
+        return yield_none(relay(ctx, steps_factory()))
+
+    return _stream(ctx, operator, steps_factory, after)
+
+
+def yield_none(generator):
+    """Drains a generator that yields nothing useful and returns its value
+    (delegated runs report progress through ``ctx.set_progress``)."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _stream(ctx, operator, steps_factory, after):
+    try:
+        result = yield from relay(ctx, steps_factory())
+    except BulkLabelingError as e:
+        yield ctx.ops.notify(str(e), variant="error")
+        return
+
+    if after is not None:
+        for message in after(ctx, result):
+            yield message
+
+    outputs = operator.resolve_output(ctx)
+    if outputs is not None:
+        yield ctx.ops.show_output(outputs.to_json(), result)
