@@ -336,70 +336,72 @@ def _write_vocabulary_op(dataset, op):
     done = 0
     for seq, ids in op.iter_pending_batches():
         for step, field in enumerate(params["fields"]):
-            path = "%s.classifications" % field
-            op.capture(
-                [
-                    {"$match": {"_id": {"$in": ids}, path + ".label": name}},
-                    {
-                        "$project": {
-                            "sample_id": "$_id",
-                            "labels": {
-                                "$filter": {
-                                    "input": "$" + path,
-                                    "cond": {"$eq": ["$$this.label", {"$literal": name}]},
-                                }
-                            },
-                        }
-                    },
-                ],
-                step,
-            )
+            op.capture_labels(ids, field, [name], step)
 
-        changed = 0
+        # One atomic update per sample covers both polarities, so `changed`
+        # counts samples, not fields
+        sets = {"last_modified_at": "$$NOW"}
         for field in params["fields"]:
-            path = "%s.classifications" % field
-            current = "$" + path
-            if new is None:
-                new_list = {
-                    "$filter": {
-                        "input": current,
-                        "cond": {"$ne": ["$$this.label", {"$literal": name}]},
-                    }
-                }
-            else:
-                new_list = {
-                    "$cond": [
-                        {"$in": [{"$literal": new}, current + ".label"]},
-                        {
-                            "$filter": {
-                                "input": current,
-                                "cond": {"$ne": ["$$this.label", {"$literal": name}]},
-                            }
-                        },
-                        {
-                            "$map": {
-                                "input": current,
-                                "in": {
-                                    "$cond": [
-                                        {"$eq": ["$$this.label", {"$literal": name}]},
-                                        {"$mergeObjects": ["$$this", {"label": {"$literal": new}}]},
-                                        "$$this",
-                                    ]
-                                },
-                            }
-                        },
-                    ]
-                }
+            sets[field] = _relabel_expr(field, name, new)
 
-            res = coll.update_many(
-                {"_id": {"$in": ids}, path + ".label": name},
-                [{"$set": {path: new_list, "last_modified_at": "$$NOW"}}],
-            )
-            changed += res.modified_count
-
+        res = coll.update_many(
+            {
+                "_id": {"$in": ids},
+                "$or": [
+                    {"%s.classifications.label" % f: name}
+                    for f in params["fields"]
+                ],
+            },
+            [{"$set": sets}],
+        )
+        changed = res.modified_count
         op.batch_done(seq, len(ids), changed)
         done += len(ids)
         yield Progress(done, total, op.type)
+
+
+def _relabel_expr(field, name, new):
+    """The new value of a Classifications field once ``name`` is renamed to
+    ``new`` (or deleted when ``new`` is None). Samples without the field
+    keep it missing."""
+    current = "$%s.classifications" % field
+    without = {
+        "$filter": {
+            "input": current,
+            "cond": {"$ne": ["$$this.label", {"$literal": name}]},
+        }
+    }
+    if new is None:
+        new_list = without
+    else:
+        renamed = {
+            "$map": {
+                "input": current,
+                "in": {
+                    "$cond": [
+                        {"$eq": ["$$this.label", {"$literal": name}]},
+                        {"$mergeObjects": ["$$this", {"label": {"$literal": new}}]},
+                        "$$this",
+                    ]
+                },
+            }
+        }
+        # A sample that already has `new` just loses `name`
+        new_list = {
+            "$cond": [
+                {"$in": [{"$literal": new}, current + ".label"]},
+                without,
+                renamed,
+            ]
+        }
+
+    return {
+        "$cond": [
+            {"$isArray": current},
+            {"$mergeObjects": ["$" + field, {"classifications": new_list}]},
+            "$" + field,
+        ]
+    }
 
 
 history.register_writer("rename_concept", _write_vocabulary_op)

@@ -265,6 +265,30 @@ class Operation(object):
 
         list(coll.aggregate(pipeline + tail, allowDiskUse=True))
 
+    def capture_labels(self, ids, field, names, step):
+        """Captures, for a ``restore_labels`` step, the labels named
+        ``names`` in a Classifications field of the samples ``ids``."""
+        path = "%s.classifications" % field
+        self.capture(
+            [
+                {"$match": {"_id": {"$in": ids}, path + ".label": {"$in": names}}},
+                {
+                    "$project": {
+                        "sample_id": "$_id",
+                        "labels": {
+                            "$filter": {
+                                "input": "$" + path,
+                                "cond": {
+                                    "$in": ["$$this.label", {"$literal": names}]
+                                },
+                            }
+                        },
+                    }
+                },
+            ],
+            step,
+        )
+
     def _has_capture(self, pipeline, step):
         match = pipeline[0].get("$match", {})
         ids = match.get("_id", {}).get("$in")

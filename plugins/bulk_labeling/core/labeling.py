@@ -245,24 +245,6 @@ def _update_pipeline(params, prefixes):
     return [{"$set": sets}]
 
 
-def _capture_pipeline(ids, field, names):
-    path = "%s.classifications" % field
-    return [
-        {"$match": {"_id": {"$in": ids}, path + ".label": {"$in": names}}},
-        {
-            "$project": {
-                "sample_id": "$_id",
-                "labels": {
-                    "$filter": {
-                        "input": "$" + path,
-                        "cond": {"$in": ["$$this.label", {"$literal": names}]},
-                    }
-                },
-            }
-        },
-    ]
-
-
 def _write(dataset, op):
     params = op.params
     prefixes = op.inverse[0]["prefixes"]
@@ -273,16 +255,10 @@ def _write(dataset, op):
     for seq, ids in op.iter_pending_batches():
         # Capture what the write will destroy, before writing
         if params["remove"]:
-            op.capture(
-                _capture_pipeline(ids, params["target_field"], params["remove"]),
-                1,
-            )
+            op.capture_labels(ids, params["target_field"], params["remove"], 1)
 
         if params["other_field"]:
-            op.capture(
-                _capture_pipeline(ids, params["other_field"], params["add"]),
-                2,
-            )
+            op.capture_labels(ids, params["other_field"], params["add"], 2)
 
         res = coll.update_many(_changed_query(params, ids), pipeline)
         op.batch_done(seq, len(ids), res.modified_count)
