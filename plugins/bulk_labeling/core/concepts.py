@@ -398,7 +398,7 @@ def _relabel_expr(field, name, new):
     return {
         "$cond": [
             {"$isArray": current},
-            {"$mergeObjects": ["$" + field, {"classifications": new_list}]},
+            db.classifications_expr(field, new_list),
             "$" + field,
         ]
     }

@@ -49,9 +49,10 @@ def is_full_dataset(sample_collection):
     return isinstance(sample_collection, fod.Dataset)
 
 
-def iter_id_batches(sample_collection, batch_size=ID_BATCH_SIZE):
+def iter_id_batches(sample_collection, batch_size=None):
     """Streams the sample ids of a collection in batches, never holding more
     than one batch in memory."""
+    batch_size = batch_size or ID_BATCH_SIZE
     coll = sample_coll(sample_collection)
     if is_full_dataset(sample_collection):
         cursor = coll.find({}, {"_id": 1}, batch_size=batch_size)
@@ -131,9 +132,10 @@ def generated_id(prefix, sample_id):
     return ObjectId(prefix + str(sample_id)[8:])
 
 
-def iter_query_id_batches(dataset, query, batch_size=ID_BATCH_SIZE):
+def iter_query_id_batches(dataset, query, batch_size=None):
     """Streams, in batches, the ids of the dataset's samples that match a
     MongoDB query."""
+    batch_size = batch_size or ID_BATCH_SIZE
     cursor = sample_coll(dataset).find(query, {"_id": 1}, batch_size=batch_size)
     batch = []
     for doc in cursor:
@@ -144,3 +146,56 @@ def iter_query_id_batches(dataset, query, batch_size=ID_BATCH_SIZE):
 
     if batch:
         yield batch
+
+
+def classifications_expr(field, labels):
+    """The new value of a Classifications field, given an expression for its
+    new list of labels.
+
+    The container keeps its other attributes. A container left with no
+    labels and nothing else is removed, so that a sample whose labels are all
+    removed (or undone) looks like one never labeled.
+    """
+    container = "$" + field
+    is_object = {"$eq": [{"$type": container}, "object"]}
+    has_other_attributes = {
+        "$gt": [
+            {
+                "$size": {
+                    "$filter": {
+                        "input": {"$objectToArray": container},
+                        "cond": {
+                            "$and": [
+                                {"$not": [{"$in": ["$$this.k", ["_cls", "classifications"]]}]},
+                                {"$ne": ["$$this.v", None]},
+                            ]
+                        },
+                    }
+                }
+            },
+            0,
+        ]
+    }
+    return {
+        "$let": {
+            "vars": {"labels": labels},
+            "in": {
+                "$cond": [
+                    {"$gt": [{"$size": "$$labels"}, 0]},
+                    {
+                        "$mergeObjects": [
+                            {"$cond": [is_object, container, {"_cls": "Classifications"}]},
+                            {"classifications": "$$labels"},
+                        ]
+                    },
+                    {
+                        "$cond": [
+                            {"$and": [is_object, has_other_attributes]},
+                            {"$mergeObjects": [container, {"classifications": []}]},
+                            "$$REMOVE",
+                        ]
+                    },
+                ]
+            },
+        }
+    }

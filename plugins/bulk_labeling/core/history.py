@@ -562,7 +562,7 @@ def _undo_pull_labels(dataset, op, index, step, ids, stats):
             [
                 {
                     "$set": {
-                        "%s.classifications" % field: kept,
+                        field: db.classifications_expr(field, kept),
                         "last_modified_at": "$$NOW",
                     }
                 }
@@ -642,19 +642,9 @@ def _undo_restore_labels(dataset, op, index, step, ids, stats):
                 },
             }
         }
-        container = {
-            "$cond": [
-                {"$eq": [{"$type": "$" + field}, "object"]},
-                "$" + field,
-                {"_cls": "Classifications"},
-            ]
-        }
-        new_field = {
-            "$mergeObjects": [
-                container,
-                {"classifications": {"$concatArrays": [current_expr, addable]}},
-            ]
-        }
+        new_field = db.classifications_expr(
+            field, {"$concatArrays": [current_expr, addable]}
+        )
         ops.append(
             pymongo.UpdateOne(
                 {"_id": sample_id},

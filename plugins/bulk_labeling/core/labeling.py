@@ -191,53 +191,28 @@ def _update_pipeline(params, prefixes):
         for name, prefix in zip(add, prefixes)
     ]
     new_list = {"$concatArrays": [kept] + added}
-    is_object = {"$eq": [{"$type": "$" + target}, "object"]}
     target_value = {
         "$let": {
             "vars": {
                 "current": {"$ifNull": ["$%s.classifications" % target, []]}
             },
-            "in": {
-                "$let": {
-                    "vars": {"new_list": new_list},
-                    "in": {
-                        # A sample without the field only gets one if it
-                        # gains a label
-                        "$cond": [
-                            {"$or": [is_object, {"$gt": [{"$size": "$$new_list"}, 0]}]},
-                            {
-                                "$mergeObjects": [
-                                    {"$cond": [is_object, "$" + target, {"_cls": "Classifications"}]},
-                                    {"classifications": "$$new_list"},
-                                ]
-                            },
-                            "$" + target,
-                        ]
-                    },
-                }
-            },
+            "in": db.classifications_expr(target, new_list),
         }
     }
     sets = {target: target_value, "last_modified_at": "$$NOW"}
 
     other = params["other_field"]
     if other:
+        kept_other = {
+            "$filter": {
+                "input": {"$ifNull": ["$%s.classifications" % other, []]},
+                "cond": {"$not": [{"$in": ["$$this.label", {"$literal": add}]}]},
+            }
+        }
         sets[other] = {
             "$cond": [
                 {"$eq": [{"$type": "$" + other}, "object"]},
-                {
-                    "$mergeObjects": [
-                        "$" + other,
-                        {
-                            "classifications": {
-                                "$filter": {
-                                    "input": {"$ifNull": ["$%s.classifications" % other, []]},
-                                    "cond": {"$not": [{"$in": ["$$this.label", {"$literal": add}]}]},
-                                }
-                            }
-                        },
-                    ]
-                },
+                db.classifications_expr(other, kept_other),
                 "$" + other,
             ]
         }
