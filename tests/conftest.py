@@ -30,6 +30,8 @@ import pytest  # noqa: E402
 import fiftyone as fo  # noqa: E402
 import fiftyone.operators as foo  # noqa: E402
 
+from bulk_labeling.testing import insert_bare_samples  # noqa: E402,F401
+
 PLUGIN = "@bulk-labeling/bulk_labeling"
 
 
@@ -67,32 +69,3 @@ def make_samples(dataset, count, prefix="/data/img"):
     )
     return dataset.values("id")
 
-
-def insert_bare_samples(dataset, count, prefix="/data/bulk"):
-    """Inserts ``count`` bare image samples with one raw ``insert_many`` per
-    50k: the documents FiftyOne's ``add_samples`` writes, minus its per-sample
-    Python work, so scale tests set up in seconds."""
-    import datetime
-    import random
-
-    from bson import ObjectId
-
-    coll = dataset._sample_collection
-    now = datetime.datetime.utcnow().replace(microsecond=0)
-    for start in range(0, count, 50_000):
-        coll.insert_many(
-            [
-                {
-                    "_id": ObjectId(),
-                    "filepath": "%s/%08d.jpg" % (prefix, i),
-                    "tags": [],
-                    "_media_type": "image",
-                    "_rand": random.random(),
-                    "_dataset_id": dataset._doc.id,
-                    "created_at": now,
-                    "last_modified_at": now,
-                }
-                for i in range(start, min(count, start + 50_000))
-            ],
-            ordered=False,
-        )

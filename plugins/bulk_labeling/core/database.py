@@ -117,14 +117,21 @@ def allocate_id_prefixes(dataset, count):
     return ["%08x" % value for value in range(end - count, end)]
 
 
-def generated_id_expr(prefix):
+#: The last 8 bytes of the current sample's id, as hex: the part of a
+#: generated label id that comes from the sample
+SAMPLE_ID_TAIL_EXPR = {"$substrBytes": [{"$toString": "$_id"}, 8, 16]}
+
+
+def generated_id_expr(prefix, tail=SAMPLE_ID_TAIL_EXPR):
     """Returns the aggregation expression of the id that ``prefix`` gives to
-    the label it creates on the current sample."""
-    return {
-        "$toObjectId": {
-            "$concat": [prefix, {"$substrBytes": [{"$toString": "$_id"}, 8, 16]}]
-        }
-    }
+    the label it creates on the current sample.
+
+    Args:
+        prefix: an 8-character hex prefix from :func:`allocate_id_prefixes`
+        tail (SAMPLE_ID_TAIL_EXPR): the expression of the sample id's tail;
+            pass a ``$$variable`` holding it to compute it once per sample
+    """
+    return {"$toObjectId": {"$concat": [prefix, tail]}}
 
 
 def generated_id(prefix, sample_id):

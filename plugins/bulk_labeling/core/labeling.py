@@ -159,7 +159,7 @@ def _changed_query(params, ids):
 
 def _new_label_expr(name, prefix):
     return {
-        "_id": db.generated_id_expr(prefix),
+        "_id": db.generated_id_expr(prefix, tail="$$id_tail"),
         "_cls": "Classification",
         "tags": [],
         "label": {"$literal": name},
@@ -194,7 +194,8 @@ def _update_pipeline(params, prefixes):
     target_value = {
         "$let": {
             "vars": {
-                "current": {"$ifNull": ["$%s.classifications" % target, []]}
+                "current": {"$ifNull": ["$%s.classifications" % target, []]},
+                "id_tail": db.SAMPLE_ID_TAIL_EXPR,
             },
             "in": db.classifications_expr(target, new_list),
         }
