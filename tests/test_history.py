@@ -223,7 +223,10 @@ def test_inversion_data_is_chunked_below_the_document_limit(dataset):
     chunks = list(conn[db.TARGETS_COLLECTION].find({"op_id": op_id}))
     assert [len(c["ids"]) for c in chunks] == [100_000, 20_000]
     assert max(len(encode(c)) for c in chunks) < 16 * 1024 * 1024
-    assert conn[db.UNDO_COLLECTION].count_documents({"op_id": op_id}) == 120_000
+    captures = list(conn[db.UNDO_COLLECTION].find({"op_id": op_id}))
+    assert sum(len(c["entries"]) for c in captures) == 120_000
+    assert len(captures) < 200
+    assert max(len(encode(c)) for c in captures) < 16 * 1024 * 1024
 
 
 # --- crash safety ------------------------------------------------------------

@@ -56,6 +56,9 @@ APPLIED = "applied"
 FAILED = "failed"
 UNDONE = "undone"
 
+#: Samples per capture document in the undo collection
+CAPTURE_CHUNK_SIZE = 1000
+
 #: Operation types registered by the core modules, mapped to the function
 #: that (re)runs their writing phase. Filled by :func:`register_writer`
 _WRITERS = {}
@@ -91,7 +94,7 @@ def _collections():
             [
                 ("op_id", pymongo.ASCENDING),
                 ("step", pymongo.ASCENDING),
-                ("sample_id", pymongo.ASCENDING),
+                ("entries.sample_id", pymongo.ASCENDING),
             ]
         )
         _indexes_ready.add(key)
@@ -245,24 +248,36 @@ class Operation(object):
     def capture(self, pipeline, step):
         """Copies prior state into the undo collection, server-side.
 
+        Captures are grouped into chunks of about :data:`CAPTURE_CHUNK_SIZE`
+        samples, so a million-sample operation writes a thousand small
+        documents rather than a million, and none nears MongoDB's 16 MB limit.
+
         Args:
-            pipeline: an aggregation pipeline over the sample collection whose
-                output documents have a ``sample_id`` and the captured data
+            pipeline: an aggregation pipeline over the sample collection that
+                starts with ``{"$match": {"_id": {"$in": ids}, ...}}`` and
+                outputs one document per sample, with a ``sample_id`` and the
+                captured data
             step: the index of the inverse step the capture belongs to
         """
-        coll = db.sample_coll(self.dataset)
-        tail = [
-            {"$addFields": {"op_id": self.id, "step": step}},
-            {"$project": {"_id": 0}},
-            {"$merge": {"into": db.UNDO_COLLECTION, "whenMatched": "fail"}},
-        ]
+        ids = pipeline[0]["$match"]["_id"]["$in"]
         # Resuming a chunk whose capture already ran must not capture the
         # state that the interrupted write left behind
-        if self.record["stage"] == "writing" and self._has_capture(
-            pipeline, step
-        ):
+        if self._has_capture(ids, step):
             return
 
+        tail = [
+            {"$project": {"_id": 0}},
+            {
+                "$bucketAuto": {
+                    "groupBy": "$sample_id",
+                    "buckets": max(1, -(-len(ids) // CAPTURE_CHUNK_SIZE)),
+                    "output": {"entries": {"$push": "$$ROOT"}},
+                }
+            },
+            {"$project": {"_id": 0, "op_id": self.id, "step": {"$literal": step}, "entries": 1}},
+            {"$merge": {"into": db.UNDO_COLLECTION, "whenMatched": "fail"}},
+        ]
+        coll = db.sample_coll(self.dataset)
         list(coll.aggregate(pipeline + tail, allowDiskUse=True))
 
     def capture_labels(self, ids, field, names, step):
@@ -289,16 +304,11 @@ class Operation(object):
             step,
         )
 
-    def _has_capture(self, pipeline, step):
-        match = pipeline[0].get("$match", {})
-        ids = match.get("_id", {}).get("$in")
-        if not ids:
-            return False
-
+    def _has_capture(self, ids, step):
         _, _, undo = _collections()
         return (
             undo.find_one(
-                {"op_id": self.id, "step": step, "sample_id": {"$in": ids}},
+                {"op_id": self.id, "step": step, "entries.sample_id": {"$in": ids}},
                 {"_id": 1},
             )
             is not None
@@ -529,10 +539,16 @@ def iter_undo(dataset, operation_id=None, dry_run=False, user=None):
 
 
 def _iter_captures(op, step_index, ids):
+    """Yields the per-sample captures of a step for the samples ``ids``."""
     _, _, undo = _collections()
-    return undo.find(
-        {"op_id": op.id, "step": step_index, "sample_id": {"$in": ids}}
+    wanted = set(ids)
+    chunks = undo.find(
+        {"op_id": op.id, "step": step_index, "entries.sample_id": {"$in": ids}}
     )
+    for chunk in chunks:
+        for entry in chunk["entries"]:
+            if entry["sample_id"] in wanted:
+                yield entry
 
 
 def _undo_pull_labels(dataset, op, index, step, ids, stats):
