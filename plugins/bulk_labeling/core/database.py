@@ -62,6 +62,10 @@ def iter_id_batches(sample_collection, batch_size=None):
             pipeline, allowDiskUse=True, batchSize=batch_size
         )
 
+    return _batched_ids(cursor, batch_size)
+
+
+def _batched_ids(cursor, batch_size):
     batch = []
     for doc in cursor:
         batch.append(doc["_id"])
@@ -144,15 +148,7 @@ def iter_query_id_batches(dataset, query, batch_size=None):
     MongoDB query."""
     batch_size = batch_size or ID_BATCH_SIZE
     cursor = sample_coll(dataset).find(query, {"_id": 1}, batch_size=batch_size)
-    batch = []
-    for doc in cursor:
-        batch.append(doc["_id"])
-        if len(batch) >= batch_size:
-            yield batch
-            batch = []
-
-    if batch:
-        yield batch
+    return _batched_ids(cursor, batch_size)
 
 
 def classifications_expr(field, labels):

@@ -108,6 +108,12 @@ def show_result(outputs, with_conflicts=False):
     return outputs
 
 
+def reload_grid(ctx, result):
+    """After a bulk write in the App: reload the grid (not after a dry run)."""
+    if result and not result.get("dry_run"):
+        yield ctx.ops.reload_dataset()
+
+
 def streams_to_app(ctx):
     """Whether this run can stream progress to an App.
 

@@ -7,11 +7,6 @@ from ..core import history
 from . import _common
 
 
-def _reload_grid(ctx, result):
-    if result and not result.get("dry_run"):
-        yield ctx.ops.reload_dataset()
-
-
 class BulkHistory(foo.Operator):
     """Lists the dataset's bulk operations, newest first."""
 
@@ -97,7 +92,7 @@ class UndoBulkOperation(foo.Operator):
                 user=_common.user_of(ctx),
             )
 
-        return _common.execute_steps(ctx, self, steps, after=_reload_grid)
+        return _common.execute_steps(ctx, self, steps, after=_common.reload_grid)
 
     def resolve_output(self, ctx):
         outputs = _common.show_result(types.Object(), with_conflicts=True)
@@ -134,7 +129,7 @@ class ResumeBulkOperation(foo.Operator):
         def steps():
             return history.iter_resume(ctx.dataset, ctx.params["operation_id"])
 
-        return _common.execute_steps(ctx, self, steps, after=_reload_grid)
+        return _common.execute_steps(ctx, self, steps, after=_common.reload_grid)
 
 
 class CheckPendingOperations(foo.Operator):

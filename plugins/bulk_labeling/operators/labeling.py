@@ -26,11 +26,6 @@ def _concept_input(inputs, ctx, name, label, required=True, field=None):
     )
 
 
-def _reload_grid(ctx, result):
-    if result and not result.get("dry_run"):
-        yield ctx.ops.reload_dataset()
-
-
 class LabelAs(foo.Operator):
     """Adds or removes concepts on the selected samples or the current view."""
 
@@ -131,7 +126,7 @@ class LabelAs(foo.Operator):
                 **kwargs,
             )
 
-        return _common.execute_steps(ctx, self, steps, after=_reload_grid)
+        return _common.execute_steps(ctx, self, steps, after=_common.reload_grid)
 
     def resolve_output(self, ctx):
         return types.Property(_common.show_result(types.Object()))
@@ -216,7 +211,7 @@ class ManageConcepts(foo.Operator):
                 "action must be one of list, create, rename, delete"
             )
 
-        return _common.execute_steps(ctx, self, steps, after=_reload_grid)
+        return _common.execute_steps(ctx, self, steps, after=_common.reload_grid)
 
     def resolve_output(self, ctx):
         outputs = types.Object()
