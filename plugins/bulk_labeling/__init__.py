@@ -20,6 +20,20 @@ from .core.concepts import (
 )
 from .core.errors import BulkLabelingError
 from .core.labeling import label
+from .core.metadata import (
+    edit_metadata,
+    get_metadata_schema,
+    set_geolocation,
+    set_metadata_schema,
+)
+from .core.upload import upload, uploaded_view
+from .core.similarity import (
+    build_similarity_index,
+    find_similar,
+    index_status as similarity_index_status,
+    sync_index,
+    update_similarity_index,
+)
 from .api import (
     delete_concept,
     history,

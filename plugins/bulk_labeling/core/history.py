@@ -41,6 +41,7 @@ operation is reported as a conflict and left alone.
 
 import datetime
 import logging
+import numbers
 
 import pymongo
 from bson import ObjectId
@@ -729,7 +730,7 @@ def _undo_restore_values(dataset, op, index, step, ids, stats):
         after = capture.get("after", {})
         conds = {}
         for key in keys:
-            if prior.get(key, _MISSING) == after.get(key, _MISSING):
+            if _same(prior.get(key, _MISSING), after.get(key, _MISSING)):
                 continue
             conds[key] = _holds_expr(path(key), after.get(key, _MISSING))
 
@@ -739,7 +740,7 @@ def _undo_restore_values(dataset, op, index, step, ids, stats):
         doc = coll.find_one({"_id": sample_id}, {field: 1}) or {}
         restorable = {}
         for key, cond in conds.items():
-            if _get_path(doc, path(key)) == after.get(key, _MISSING):
+            if _same(_get_path(doc, path(key)), after.get(key, _MISSING)):
                 restorable[key] = cond
             else:
                 stats["conflicts"].append(
@@ -820,6 +821,32 @@ def _holds_expr(path, value):
 
 def _value_expr(value):
     return "$$REMOVE" if value is _MISSING else {"$literal": value}
+
+
+def _same(a, b):
+    """Equality as MongoDB's ``$eq`` sees it, so that the Python checks agree
+    with the server-side conditions: numbers compare by value whatever their
+    type, but a boolean is not a number (``True == 1`` in Python), and key
+    order counts."""
+    if a is _MISSING or b is _MISSING:
+        return a is b
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, numbers.Number) and isinstance(b, numbers.Number):
+        return a == b
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict)
+            and list(a) == list(b)
+            and all(_same(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, list):
+        return (
+            isinstance(b, list)
+            and len(a) == len(b)
+            and all(_same(x, y) for x, y in zip(a, b))
+        )
+    return type(a) is type(b) and a == b
 
 
 def _get_path(doc, path):

@@ -7,6 +7,10 @@ from .history import (
     UndoBulkOperation,
 )
 from .labeling import LabelAs, ManageConcepts
+from .metadata import EditMetadata, SetGeolocation, SetMetadataSchema
+from .upload import UploadWithConcepts
+from .similarity import BuildSimilarityIndex, FindSimilar, FindSimilarToSample
+from ..panel import BulkLabelingPanel, OpenBulkLabelingPanel
 
 OPERATORS = [
     LabelAs,
@@ -15,9 +19,16 @@ OPERATORS = [
     UndoBulkOperation,
     ResumeBulkOperation,
     CheckPendingOperations,
+    UploadWithConcepts,
+    EditMetadata,
+    SetMetadataSchema,
+    SetGeolocation,
+    BuildSimilarityIndex,
+    FindSimilar,
+    FindSimilarToSample,
 ]
 
-PANELS = []
+PANELS = [BulkLabelingPanel, OpenBulkLabelingPanel]
 
 
 def register_all(plugin):

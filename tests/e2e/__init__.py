@@ -1,0 +1,1 @@
+"""End-to-end tests of the plugin in the FiftyOne App (a real browser)."""
