@@ -20,8 +20,13 @@ os.environ["FIFTYONE_DATABASE_NAME"] = "bulk_labeling_bench"
 if os.environ.get("BENCH_DATABASE_URI"):
     os.environ["FIFTYONE_DATABASE_URI"] = os.environ["BENCH_DATABASE_URI"]
 else:
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import private_mongod
+
     os.environ.pop("FIFTYONE_DATABASE_URI", None)
-    os.environ["FIFTYONE_DATABASE_DIR"] = tempfile.mkdtemp(prefix="bulk_labeling_bench_")
+    private_mongod.isolate(tempfile.mkdtemp(prefix="bulk_labeling_bench_"))
 
 from bulk_labeling.testing import insert_bare_samples  # noqa: E402,F401
 

@@ -34,9 +34,7 @@ import argparse
 import atexit
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,52 +48,20 @@ RAW_SET = {
 }
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _MONGOD = {}
 
 
 def _start_private_mongod():
-    """Starts a mongod on a temporary dir, returns its URI; stopped at exit."""
-    import importlib.util
+    """Starts a mongod on a temporary dir and returns its URI (stopped at
+    exit); its pid is kept so that its CPU time can be read."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    import private_mongod
 
-    spec = importlib.util.find_spec("fiftyone")
-    root = os.path.dirname(spec.origin)
-    mongod = os.path.join(root, "db", "bin", "mongod")
     dbpath = tempfile.mkdtemp(prefix="bulk_labeling_bench_metadata_")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [mongod, "--dbpath", dbpath, "--port", str(port), "--bind_ip",
-         "127.0.0.1", "--nounixsocket", "--logpath",
-         os.path.join(dbpath, "mongod.log")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def stop():
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(dbpath, ignore_errors=True)
-
-    atexit.register(stop)
-    _MONGOD["pid"] = proc.pid
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return "mongodb://127.0.0.1:%d" % port
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError("mongod exited with %s" % proc.returncode)
-            time.sleep(0.2)
-    raise RuntimeError("mongod did not start")
+    atexit.register(shutil.rmtree, dbpath, True)
+    uri = private_mongod.start(dbpath)
+    _MONGOD["pid"] = private_mongod.started[-1].pid
+    return uri
 
 
 # Isolation before fiftyone is imported

@@ -1,8 +1,22 @@
 #!/usr/bin/env bash
 # Sets up (idempotent) and runs the whole test suite against a real mongod.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k label`.
+#
+# The browser tests (tests/e2e) run in a pytest process of their own:
+# Playwright's sync API leaves an asyncio loop running in the main thread,
+# and FiftyOne's execute_operator() then returns a Task instead of a result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export FIFTYONE_DO_NOT_TRACK=true HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest -p no:cacheprovider -q "$@"
+PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider -q -rs)
+
+status=0
+"${PYTEST[@]}" --ignore=tests/e2e "$@" || status=$?
+# 5: nothing collected here (e.g. a -k that only matches browser tests)
+[ "$status" = 5 ] && status=0
+e2e=0
+"${PYTEST[@]}" tests/e2e "$@" || e2e=$?
+[ "$e2e" = 5 ] && e2e=0
+[ "$status" = 0 ] && status=$e2e
+exit "$status"

@@ -22,8 +22,11 @@ os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
 os.environ["FIFTYONE_SHOW_PROGRESS_BARS"] = "false"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("FIFTYONE_DATABASE_NAME", "bulk_labeling_tests")
-if not os.environ.get("FIFTYONE_DATABASE_URI"):
-    os.environ["FIFTYONE_DATABASE_DIR"] = str(_TMP / "db")
+os.environ.setdefault("FIFTYONE_DEFAULT_DATASET_DIR", str(_TMP / "datasets"))
+
+import private_mongod  # noqa: E402
+
+private_mongod.isolate(_TMP)
 
 import pytest  # noqa: E402
 

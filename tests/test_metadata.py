@@ -762,7 +762,7 @@ def test_edit_metadata_form_validates_and_previews(dataset):
     ids = seed(dataset, [{"camera": "old", "site": {"col": 1}}, "<absent>"])
     form = _resolve_inputs(dataset, "edit_metadata",
                            {"metadata": '{"site": {"row": 3}}'}, selected=[ids[0]])
-    assert "CodeView" in form
+    assert "TextFieldView" in form and "\"multiline\": true" in form
     assert "1 sample(s) targeted, 1 will change" in form
     # the preview shows the merged document of one sample
     assert '\\"row\\": 3' in form and '\\"col\\": 1' in form

@@ -436,7 +436,8 @@ def test_operator_form_placement_and_delegation(dataset, tree):
     props = form["type"]["properties"]
     assert props["files"]["view"]["items"]["name"] == "FileView"
     assert props["files"]["type"]["element_type"]["name"] == "UploadedFile"
-    assert props["metadata"]["view"]["name"] == "CodeView"
+    assert props["metadata"]["view"]["name"] == "TextFieldView"
+    assert props["metadata"]["view"]["multiline"]
     assert props["directory"]["view"]["name"] == "FileExplorerView"
     choices = [c["value"] for c in props["concepts"]["view"]["choices"]]
     assert choices == ["cat", "dog"]

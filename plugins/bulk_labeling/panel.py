@@ -698,7 +698,8 @@ class OpenBulkLabelingPanel(foo.Operator):
 
 def _clamp(value, low, high):
     try:
-        value = int(value)
+        # sliders can report fractional positions, e.g. 3.97
+        value = int(round(float(value)))
     except (TypeError, ValueError):
         return high
     return max(low, min(high, value))

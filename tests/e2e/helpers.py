@@ -224,9 +224,9 @@ class AppPage(object):
         box.fill(str(value))
 
     def metadata_editor(self, label="Metadata (JSON object)"):
-        """The JSON editor of a form: a plain text area, or FiftyOne's
-        CodeView (Monaco). The tests fail clearly when the editor cannot be
-        typed in, e.g. a CodeView whose Monaco never loads offline."""
+        """The JSON editor of a form: a plain text area (or a Monaco
+        editor). The tests fail clearly when it cannot be typed in, e.g. a
+        ``CodeView``, whose Monaco never loads in an offline App."""
         area = self.prompt.locator('textarea:not([aria-hidden="true"])')
         monaco = self.prompt.locator(".monaco-editor")
         try:
@@ -260,10 +260,12 @@ class AppPage(object):
         self.prompt.get_by_text(text).first.wait_for(state="visible")
         self.page.wait_for_timeout(300)
 
-    def execute(self, label="Execute", output=True):
+    def execute(self, label="Execute", output=True, until=None):
         """Clicks the prompt's execute button and waits for the operation:
         with ``output``, until the operator shows its result (returned as
         text; :meth:`close_output` closes it), else until the prompt closes.
+        A generator operator shows its progress, with a "Done" button, before
+        its result: ``until`` is a text of the result to wait for.
         """
         button = self.prompt.get_by_role("button", name=label, exact=True)
         button.wait_for(state="visible")
@@ -273,16 +275,20 @@ class AppPage(object):
             self.prompt.first.wait_for(state="hidden")
             return None
 
-        done = self.output_done
+        done = self.output_done.first
         done.wait_for(state="visible")
+        if until:
+            self.page.locator(".MuiPaper-root", has=done).last.get_by_text(
+                until).first.wait_for(state="visible")
         return self.page.locator(".MuiPaper-root", has=done).last.inner_text()
 
     @property
     def output_done(self):
         """The button that closes an operator's result: "Done" after a
         generator operator, "Close" after a plain one."""
-        return self.page.get_by_role(
-            "button", name=re.compile(r"^(Done|Close)$")
+        # plain <button>s in some FiftyOne releases, MUI buttons in others
+        return self.page.locator("button, [role=button]").filter(
+            has_text=re.compile(r"^\s*(Done|Close)\s*$")
         )
 
     def close_output(self):

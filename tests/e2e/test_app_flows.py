@@ -5,6 +5,7 @@ holds afterwards, and saves screenshots under ``artifacts/e2e/``.
 """
 
 import os
+import re
 import shutil
 
 import pytest
@@ -89,8 +90,8 @@ def test_upload_files_with_concepts(app, photo_dataset, photos, tmp_path):
     app.fill_autocomplete("Type and press enter", ["new-arrival"])
     app.wait_for_form("2 file(s)")
     app.shot("02-upload-form", doc_name="upload_form")
-    output = app.execute()
-    assert "Samples added" in output, output
+    output = app.execute(until="Samples added")
+    assert re.search(r"Samples added:\s*2\b", output), output
     app.close_output()
 
     def uploaded():

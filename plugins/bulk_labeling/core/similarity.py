@@ -176,7 +176,15 @@ def _load_results(dataset, brain_key):
 
 
 def _index_ids(results):
+    """The sample ids that an index holds, or None if it cannot list them."""
     ids = getattr(results, "sample_ids", None)
+    if ids is None:
+        # fiftyone-brain's LanceDB index lists none; its table has them
+        table = getattr(results, "table", None)
+        if table is not None and "sample_id" in table.schema.names:
+            ids = table.to_arrow().column("sample_id").to_pylist()
+        elif getattr(results.config, "method", None) == "lancedb":
+            ids = []  # no table yet: an empty index
     return None if ids is None else [str(i) for i in ids]
 
 
@@ -201,6 +209,15 @@ def _to_store(embeddings, backend):
     if backend == "sklearn":
         return np.round(embeddings.astype(np.float64), SKLEARN_DECIMALS)
     return embeddings
+
+
+def _ids_for(ids, backend):
+    """Sample ids as the backend's ``add_to_index`` takes them: fiftyone-brain's
+    LanceDB backend concatenates them to a Python list, so an array there
+    breaks (``list + ndarray``) once its table holds vectors."""
+    import numpy as np
+
+    return list(ids) if backend == "lancedb" else np.array(ids)
 
 
 def _zoo_kwargs(doc):
@@ -369,7 +386,7 @@ def _iter_fill(dataset, brain_key, results, embedder, todo, gone,
         if pending_ids:
             vectors = np.concatenate(pending_vecs)
             results.add_to_index(_to_store(vectors, backend),
-                                 np.array(pending_ids), reload=False)
+                                 _ids_for(pending_ids, backend), reload=False)
             pending_ids.clear()
             pending_vecs.clear()
 
@@ -704,7 +721,7 @@ def _sync_add(dataset, brain_key, doc, results, new_ids, max_immediate):
 
     if ids:
         results.add_to_index(_to_store(np.concatenate(vectors), backend),
-                             np.array(ids), reload=False)
+                             _ids_for(ids, backend), reload=False)
     message = None
     if failed:
         message = (

@@ -89,6 +89,16 @@ def param_list(ctx, name):
     return list(value)
 
 
+def json_text_view(rows=8):
+    """The view of a JSON text param: a multi-line text area.
+
+    FiftyOne's ``CodeView`` loads the Monaco editor from a CDN at run time,
+    so it never becomes editable in an App without internet access; the
+    operators validate the text inline as it is typed instead.
+    """
+    return types.TextFieldView(multiline=True, rows=rows)
+
+
 def add_dry_run_input(inputs):
     inputs.bool(
         "dry_run",

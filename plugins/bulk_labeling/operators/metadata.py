@@ -41,9 +41,15 @@ def _json_input(inputs, ctx, name, **kwargs):
     property."""
     if isinstance(ctx.params.get(name), dict):
         kwargs.pop("default", None)
-        inputs.obj(name, view=types.JSONView(), **kwargs)
-    else:
-        inputs.str(name, view=types.CodeView(language="json"), **kwargs)
+        return inputs.obj(name, view=types.JSONView(), **kwargs)
+
+    return inputs.str(name, view=_common.json_text_view(), **kwargs)
+
+
+def _mark_invalid(prop, message):
+    """Shows ``message`` under the input and keeps the form from executing."""
+    prop.invalid = True
+    prop.error_message = message
 
 
 def _field_param(ctx, default):
@@ -95,7 +101,7 @@ class EditMetadata(foo.Operator):
                 ]
             ),
         )
-        _json_input(
+        metadata_prop = _json_input(
             inputs,
             ctx,
             "metadata",
@@ -132,6 +138,7 @@ class EditMetadata(foo.Operator):
                 )
                 self._show_preview(inputs, preview)
             except BulkLabelingError as e:
+                _mark_invalid(metadata_prop, str(e))
                 inputs.view("preview", types.Error(label=str(e)))
 
         return types.Property(inputs, view=types.View(label="Edit metadata"))
@@ -213,7 +220,7 @@ class SetMetadataSchema(foo.Operator):
         except BulkLabelingError as e:
             inputs.view("field_error", types.Error(label=str(e)))
 
-        _json_input(
+        schema_prop = _json_input(
             inputs,
             ctx,
             "schema",
@@ -239,6 +246,7 @@ class SetMetadataSchema(foo.Operator):
                 )
             inputs.view("status", types.Notice(label=message))
         except BulkLabelingError as e:
+            _mark_invalid(schema_prop, str(e))
             inputs.view("status", types.Error(label=str(e)))
 
         return types.Property(inputs, view=types.View(label="Metadata schema"))

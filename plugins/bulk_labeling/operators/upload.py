@@ -145,7 +145,7 @@ class UploadWithConcepts(foo.Operator):
             required=False,
             label="Metadata",
             description="A JSON object stored on every new sample",
-            view=types.CodeView(language="json"),
+            view=_common.json_text_view(),
         )
         inputs.str(
             "metadata_field",
