@@ -8,6 +8,7 @@ progress reached the delegated-operation record, and the journal holds the
 operation.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -18,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from bson import ObjectId
 
 import fiftyone as fo
 import fiftyone.operators as foo
@@ -102,6 +104,7 @@ def _wait(worker, op_id, timeout=OP_TIMEOUT):
     delegated-operation document plus every progress value seen on the
     record meanwhile."""
     dos = DelegatedOperationService()
+    op_id = ObjectId(op_id)  # results carry ids as JSON strings
     seen = []
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -128,7 +131,7 @@ def _wait(worker, op_id, timeout=OP_TIMEOUT):
 
 def _raw_doc(op_id):
     """The delegated operation's record as FiftyOne stores it."""
-    return db.get_db()["delegated_ops"].find_one({"_id": op_id})
+    return db.get_db()["delegated_ops"].find_one({"_id": ObjectId(op_id)})
 
 
 def _raw_values(dataset, field):
@@ -355,24 +358,32 @@ def test_upload_from_server_paths_delegated(worker, persistent_dataset,
     assert immediate["added"] == 0
 
 
-def test_build_similarity_index_delegated(worker, persistent_dataset,
-                                          tmp_path):
+@functools.lru_cache(maxsize=None)
+def _tiny_clip():
+    """The tiny CLIP's training script (as a module) and the build kwargs of
+    its model, trained once if missing."""
     import importlib.util
 
     from conftest import REPO
-    from bulk_labeling.core import similarity as sim
 
     spec = importlib.util.spec_from_file_location(
         "train_tiny_clip", REPO / "scripts" / "train_tiny_clip.py")
     trainer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(trainer)
     ckpt, config = trainer.ensure_model()
+    return trainer, {"model": "bl-tiny-clip", "pretrained": str(ckpt),
+                     "model_config": str(config)}
 
+
+def test_build_similarity_index_delegated(worker, persistent_dataset,
+                                          tmp_path):
+    from bulk_labeling.core import similarity as sim
+
+    trainer, model = _tiny_clip()
     dataset = persistent_dataset
     items = trainer.write_held_out(tmp_path / "shapes", per_class=1, seed=99)
     dataset.add_samples([fo.Sample(filepath=p) for p, _ in items])
-    params = {"model": "bl-tiny-clip", "pretrained": str(ckpt),
-              "model_config": str(config), "brain_key": "delegated"}
+    params = dict(model, brain_key="delegated")
 
     op_id = _queue("build_similarity_index", dataset, params)
     doc, _ = _wait(worker, op_id, timeout=180)
@@ -408,22 +419,12 @@ def test_sharded_index_build_with_two_workers(worker, persistent_dataset,
         pytest.skip("build_similarity_index has no sharded mode yet "
                     "(no build_similarity_index_shard operator)")
 
-    import importlib.util
-
-    from conftest import REPO
     from bulk_labeling.core import similarity as sim
 
-    spec = importlib.util.spec_from_file_location(
-        "train_tiny_clip", REPO / "scripts" / "train_tiny_clip.py")
-    trainer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trainer)
-    ckpt, config = trainer.ensure_model()
-
+    trainer, model = _tiny_clip()
     dataset = persistent_dataset
     items = trainer.write_held_out(tmp_path / "shapes", per_class=2, seed=5)
     dataset.add_samples([fo.Sample(filepath=p) for p, _ in items])
-    model = {"model": "bl-tiny-clip", "pretrained": str(ckpt),
-             "model_config": str(config)}
 
     second = _start_worker(tmp_path / "worker2.log")
     try:
@@ -465,3 +466,124 @@ def test_sharded_index_build_with_two_workers(worker, persistent_dataset,
                                brain_key="sharded").values("id") == \
             bl.find_similar(dataset, text=text, k=5,
                             brain_key="single").values("id")
+
+
+def _shard_builds(dataset, brain_key=None):
+    """The dataset's sharded builds, oldest first, and how many staged
+    documents they left."""
+    from bulk_labeling.core import sharding
+
+    query = {"dataset_id": dataset._doc.id}
+    if brain_key:
+        query["brain_key"] = brain_key
+    builds = list(db.get_db()[sharding.BUILDS_COLLECTION].find(query).sort(
+        "created_at", 1))
+    staged = db.get_db()[sharding.STAGING_COLLECTION].count_documents(
+        {"build_id": {"$in": [b["_id"] for b in builds]}})
+    return builds, staged
+
+
+@pytest.mark.parametrize("num_shards", [0, -2, 11, 2.5, "2", True, None])
+def test_sharded_build_rejects_bad_num_shards(dataset, num_shards):
+    _, model = _tiny_clip()
+    insert_bare_samples(dataset, 10)
+    with pytest.raises(bl.BulkLabelingError, match="num_shards"):
+        bl.build_similarity_index(dataset, brain_key="bad", progress=False,
+                                  num_shards=num_shards, **model)
+    assert dataset.list_brain_runs() == []
+    assert _shard_builds(dataset) == ([], 0)
+
+
+def test_sharded_build_operators_reject_bad_input(dataset):
+    _, model = _tiny_clip()
+    insert_bare_samples(dataset, 10)
+    for value in ("abc", 2.5, 0, 11):
+        with pytest.raises(Exception, match="num_shards"):
+            run_operator("build_similarity_index", dataset=dataset,
+                         params=dict(model, num_shards=value))
+    with pytest.raises(Exception, match="not a valid id"):
+        run_operator("build_similarity_index_shard", dataset=dataset,
+                     params={"build_id": "nope", "shard": 0})
+    with pytest.raises(Exception, match="has no sharded build"):
+        run_operator("build_similarity_index_shard", dataset=dataset,
+                     params={"build_id": str(ObjectId()), "shard": 0})
+    assert dataset.list_brain_runs() == []
+    assert _shard_builds(dataset) == ([], 0)
+
+
+def _same_index(dataset, key, reference):
+    """Asserts that two indexes hold the same vectors of the same samples
+    and rank text queries alike."""
+    ids = dataset.values("id")
+    got, ref = [dataset.load_brain_results(k, cache=False).get_embeddings(
+        sample_ids=ids)[:2] for k in (key, reference)]
+    assert list(got[1]) == list(ref[1]) == ids
+    assert np.allclose(got[0], ref[0], atol=1e-3)
+    for text in ("a photo of a blue circle", "a photo of a red star"):
+        ranked = [bl.find_similar(dataset, text=text, k=4,
+                                  brain_key=k).values("id")
+                  for k in (key, reference)]
+        assert ranked[0] == ranked[1], text
+
+
+def test_sharded_build_without_delegation_runs_inline(dataset, tmp_path):
+    """Not delegated, the shards run one after another in the caller and
+    give the single-run index; a second build only embeds what is new."""
+    trainer, model = _tiny_clip()
+    items = trainer.write_held_out(tmp_path / "shapes", per_class=1, seed=7)
+    dataset.add_samples([fo.Sample(filepath=p) for p, _ in items[:20]])
+
+    result = run_operator("build_similarity_index", dataset=dataset,
+                          params=dict(model, brain_key="inline", num_shards=3))
+    assert result["num_shards"] == 3 and result["shard_operations"] == []
+    assert result["indexed"] == result["added"] == 20
+    builds, staged = _shard_builds(dataset)
+    assert [b["state"] for b in builds] == ["completed"] and staged == 0
+    assert [s["size"] for s in builds[0]["shards"]] == [7, 7, 6]
+    bl.build_similarity_index(dataset, brain_key="single", progress=False,
+                              **model)
+    _same_index(dataset, "inline", "single")
+
+    # A finished shard cannot run again
+    with pytest.raises(Exception, match="completed"):
+        run_operator("build_similarity_index_shard", dataset=dataset,
+                     params={"build_id": result["build_id"], "shard": 0})
+
+    dataset.add_samples([fo.Sample(filepath=p) for p, _ in items[20:]])
+    dataset.delete_samples(dataset.first())
+    result = bl.build_similarity_index(dataset, brain_key="inline",
+                                       num_shards=2, progress=False, **model)
+    assert (result["added"], result["removed"], result["indexed"]) == (
+        len(items) - 20, 1, len(items) - 1)
+    assert not result["created"]
+    bl.update_similarity_index(dataset, brain_key="single", progress=False)
+    _same_index(dataset, "inline", "single")
+
+
+def test_one_sharded_build_at_a_time_per_index(dataset, tmp_path):
+    from bulk_labeling.core import similarity as sim
+
+    trainer, model = _tiny_clip()
+    items = trainer.write_held_out(tmp_path / "shapes", per_class=1, seed=3)
+    dataset.add_samples([fo.Sample(filepath=p) for p, _ in items[:6]])
+
+    steps = sim.iter_build_index(dataset, brain_key="locked", num_shards=2,
+                                 **model)
+    while not next(steps).label.startswith("Loading model"):
+        pass
+    with pytest.raises(bl.BulkLabelingError, match="already running"):
+        bl.build_similarity_index(dataset, brain_key="locked", num_shards=2,
+                                  progress=False, **model)
+    # Another index of the dataset is not blocked
+    bl.build_similarity_index(dataset, brain_key="other", num_shards=2,
+                              progress=False, **model)
+
+    # Interrupted: the build fails, drops its staging and leaves no index
+    steps.close()
+    builds, staged = _shard_builds(dataset, "locked")
+    assert [b["state"] for b in builds] == ["failed"] and staged == 0
+    assert "locked" not in dataset.list_brain_runs()
+
+    result = bl.build_similarity_index(dataset, brain_key="locked",
+                                       num_shards=2, progress=False, **model)
+    assert result["indexed"] == 6

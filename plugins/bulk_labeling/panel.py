@@ -322,6 +322,9 @@ class BulkLabelingPanel(foo.Panel):
 
         total = len(search["scores"])
         k = _clamp(ctx.params.get("value"), 1, total)
+        if k == search.get("k"):
+            return  # sliders repeat their value; a new view would re-render
+
         results = fov.DatasetView._build(ctx.dataset, search["results"])
         if k < total:
             ids = results.values("id")[:k]

@@ -32,6 +32,10 @@ def concept_counts(dataset, field=FIELD):
 
 def labeled_ids(dataset, concept, field=FIELD):
     """The ids of the samples that hold ``concept``."""
+    # the App's server process declared the field: this process must reload
+    dataset.reload()
+    if field not in dataset.get_field_schema():
+        return set()
     return set(dataset.filter_labels(field, F("label") == concept).values("id"))
 
 
@@ -217,6 +221,8 @@ def test_undo_from_the_panel_restores_the_prior_state(app, photo_dataset):
     wait_until(lambda: concept_counts(ds).get("bird") == len(birds) + 2,
                message="2 more birds in the database")
     panel.get_by_text("Label as +bird").first.wait_for()
+    wait_until(lambda: app.tags(FIELD).count("bird") == len(birds) + 2,
+               message="the grid to show the new bird labels")
     app.shot("05-panel", doc_name="panel")
 
     # Undo the latest operation from the History section

@@ -60,6 +60,11 @@ UNDONE = "undone"
 #: Samples per capture document in the undo collection
 CAPTURE_CHUNK_SIZE = 1000
 
+#: At most this many target ids are kept in memory between the targeting and
+#: writing phases of an operation (about 100 MB); larger targets are read
+#: back from the journal batch by batch
+TARGET_CACHE_SIZE = 1000000
+
 #: Operation types registered by the core modules, mapped to the function
 #: that (re)runs their writing phase. Filled by :func:`register_writer`
 _WRITERS = {}
@@ -118,6 +123,7 @@ class Operation(object):
     def __init__(self, dataset, record):
         self.dataset = dataset
         self.record = record
+        self._cached_targets = None
 
     @property
     def id(self):
@@ -210,10 +216,19 @@ class Operation(object):
         _, targets, _ = _collections()
         count = 0
         seq = 0
+        # The writing phase that follows in this process reuses the ids
+        # instead of reading them back, up to a bounded number of them
+        cached = []
         for ids in id_batches:
             targets.insert_one({"op_id": self.id, "seq": seq, "ids": ids})
+            if cached is not None and count + len(ids) <= TARGET_CACHE_SIZE:
+                cached.append((seq, ids))
+            else:
+                cached = None
             seq += 1
             count += len(ids)
+
+        self._cached_targets = cached
 
         target = dict(self.record["target"], count=count)
         self._update(target=target, num_batches=seq, stage="writing")
@@ -230,7 +245,11 @@ class Operation(object):
 
     def iter_pending_batches(self):
         """Yields ``(seq, ids)`` for the chunks not yet written."""
-        return self.iter_target_batches(start=self.record["batches_done"])
+        start = self.record["batches_done"]
+        cached = self._cached_targets
+        if cached is not None:
+            return iter([(seq, ids) for seq, ids in cached if seq >= start])
+        return self.iter_target_batches(start=start)
 
     def batch_done(self, seq, matched, changed):
         """Marks a chunk written and adds its counts, in one atomic update."""

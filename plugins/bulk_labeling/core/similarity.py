@@ -6,7 +6,10 @@
     by default). The index records its model as the zoo model
     ``"open-clip-torch"`` plus ``model_kwargs``, so text prompts work in any
     later process: the App, delegated workers, plain
-    ``dataset.sort_by_similarity("a red car", brain_key=...)``.
+    ``dataset.sort_by_similarity("a red car", brain_key=...)``. With
+    ``num_shards > 1`` the embedding is split into shards, run by delegated
+    workers in parallel and assembled into the same index (see
+    :mod:`bulk_labeling.core.sharding`).
 *   Building again with the same brain key only embeds what is missing and
     drops deleted samples (:func:`update_similarity_index`);
     :func:`sync_index` does the same for a few samples at once, right after an
@@ -24,7 +27,9 @@ own nearest-neighbour search.
 """
 
 import collections
+import dataclasses
 import logging
+import numbers
 import threading
 import time
 
@@ -248,15 +253,39 @@ def _check_device(device):
     return str(dev)
 
 
-def iter_build_index(dataset, model=models.DEFAULT_MODEL,
-                     pretrained=models.DEFAULT_PRETRAINED, model_config=None,
-                     brain_key=DEFAULT_BRAIN_KEY, backend=DEFAULT_BACKEND,
-                     batch_size=None, num_workers=None, device=None,
-                     overwrite=False):
-    """Builds (or brings up to date) a similarity index of CLIP image
-    embeddings. A generator of :class:`Progress`; see
-    :func:`build_similarity_index`."""
-    dataset = _root_dataset(dataset)
+def _check_num_shards(num_shards, count):
+    """Validates ``num_shards`` against the dataset's ``count`` samples."""
+    if isinstance(num_shards, bool) or not isinstance(num_shards, numbers.Integral):
+        raise BulkLabelingError(
+            "num_shards must be an integer (got %r)" % (num_shards,))
+    num_shards = int(num_shards)
+    if num_shards < 1:
+        raise BulkLabelingError("num_shards must be at least 1")
+    if num_shards > count:
+        raise BulkLabelingError(
+            "num_shards=%d is more than the dataset's %d sample(s); use at "
+            "most one shard per sample" % (num_shards, count))
+    return num_shards
+
+
+@dataclasses.dataclass
+class _BuildArgs:
+    """A validated :func:`iter_build_index` request."""
+
+    brain_key: str
+    backend: str
+    spec: models.ModelSpec
+    zoo_kwargs: dict
+    existing: dict
+    device: str
+    overwrite: bool
+    num_shards: int
+
+
+def _prepare_build(dataset, model, pretrained, model_config, brain_key,
+                   backend, batch_size, num_workers, device, overwrite,
+                   num_shards):
+    """Validates a build request without writing anything."""
     _require_images(dataset)
     brain_key = (brain_key or DEFAULT_BRAIN_KEY).strip()
     backend = backend or DEFAULT_BACKEND
@@ -267,6 +296,7 @@ def iter_build_index(dataset, model=models.DEFAULT_MODEL,
     count = dataset.count()
     if count == 0:
         raise BulkLabelingError("Dataset '%s' has no samples to index" % dataset.name)
+    num_shards = _check_num_shards(num_shards, count)
 
     existing = _run_doc(dataset, brain_key)
     if existing is not None and not overwrite:
@@ -296,16 +326,44 @@ def iter_build_index(dataset, model=models.DEFAULT_MODEL,
             % (backend, ", ".join(sorted(fb.brain_config.similarity_backends)))
         )
 
-    device = _check_device(device)
+    return _BuildArgs(brain_key, backend, spec, zoo_kwargs, existing,
+                      _check_device(device), bool(overwrite), num_shards)
+
+
+def iter_build_index(dataset, model=models.DEFAULT_MODEL,
+                     pretrained=models.DEFAULT_PRETRAINED, model_config=None,
+                     brain_key=DEFAULT_BRAIN_KEY, backend=DEFAULT_BACKEND,
+                     batch_size=None, num_workers=None, device=None,
+                     overwrite=False, num_shards=1, launch_shards=None):
+    """Builds (or brings up to date) a similarity index of CLIP image
+    embeddings. A generator of :class:`Progress`; see
+    :func:`build_similarity_index`.
+
+    With ``num_shards > 1`` the work is split into shards (see
+    :mod:`bulk_labeling.core.sharding`): ``launch_shards(build_id,
+    num_shards, label)`` queues them as delegated operations and returns
+    their ids; without it they run inline, one after another.
+    """
+    dataset = _root_dataset(dataset)
+    args = _prepare_build(dataset, model, pretrained, model_config, brain_key,
+                          backend, batch_size, num_workers, device, overwrite,
+                          num_shards)
+    if args.num_shards > 1:
+        from . import sharding
+
+        return (yield from sharding.iter_build_sharded(
+            dataset, args, batch_size=batch_size, num_workers=num_workers,
+            device=device, launch=launch_shards))
+
+    brain_key, backend, spec = args.brain_key, args.backend, args.spec
+    zoo_kwargs, existing = args.zoo_kwargs, args.existing
     results = None
     if existing is not None and not overwrite:
         results = _load_results(dataset, brain_key)
     todo, gone = _plan(dataset, results)
 
     yield Progress(0, len(todo), "Loading model %s" % spec.describe())
-    if spec.model_config:
-        models.register_configs([spec.model_config])
-    embedder = models.Embedder.load(zoo_kwargs, device=device)
+    embedder = load_embedder(spec, device=args.device)
 
     created = results is None
     if existing is not None and overwrite:
@@ -321,6 +379,14 @@ def iter_build_index(dataset, model=models.DEFAULT_MODEL,
     summary.update(model=spec.to_dict(), model_kwargs=zoo_kwargs,
                    created=created)
     return summary
+
+
+def load_embedder(spec, device=None):
+    """Loads the :class:`bulk_labeling.core.models.Embedder` of a
+    :class:`bulk_labeling.core.models.ModelSpec`."""
+    if spec.model_config:
+        models.register_configs([spec.model_config])
+    return models.Embedder.load(spec.zoo_kwargs(), device=device)
 
 
 def _plan(dataset, results):
@@ -366,8 +432,6 @@ def _iter_fill(dataset, brain_key, results, embedder, todo, gone,
                batch_size, num_workers):
     """Embeds ``todo`` (see :func:`_plan`) into the index, drops ``gone``,
     and saves the index."""
-    import numpy as np
-
     start = time.time()
     backend = results.config.method
     removed = 0
@@ -375,18 +439,46 @@ def _iter_fill(dataset, brain_key, results, embedder, todo, gone,
         results.remove_from_index(sample_ids=gone, reload=False)
         removed = len(gone)
 
+    def add(ids, vectors):
+        results.add_to_index(_to_store(vectors, backend),
+                             _ids_for(ids, backend), reload=False)
+
+    failed = yield from iter_embed(embedder, todo, batch_size, num_workers,
+                                   add, ADD_CHUNK, checkpoint=results.save)
+    added = len(todo) - len(failed)
+    if added or removed:
+        results.save()
+    _invalidate(dataset, brain_key)
+    return build_summary(brain_key, results, added, removed, len(failed),
+                         failed, time.time() - start)
+
+
+def iter_embed(embedder, todo, batch_size, num_workers, flush, chunk,
+               checkpoint=None):
+    """Embeds the images of ``todo`` (``(id, filepath)`` pairs, in order). A
+    generator of :class:`Progress`.
+
+    Args:
+        flush: called as ``flush(ids, vectors)`` with every ``chunk`` or so
+            embedded images, and with the rest at the end
+        chunk: how many vectors to pass to ``flush`` at once
+        checkpoint (None): called (after a flush) every
+            :data:`SAVE_EVERY_SECONDS`, so an interrupted run keeps its work
+
+    Returns:
+        the ids of the images that could not be read
+    """
+    import numpy as np
+
     total = len(todo)
     done = 0
     failed = []
     pending_ids, pending_vecs = [], []
     last_save = time.time()
-    dirty = removed > 0
 
-    def flush():
+    def flush_pending():
         if pending_ids:
-            vectors = np.concatenate(pending_vecs)
-            results.add_to_index(_to_store(vectors, backend),
-                                 _ids_for(pending_ids, backend), reload=False)
+            flush(list(pending_ids), np.concatenate(pending_vecs))
             pending_ids.clear()
             pending_vecs.clear()
 
@@ -398,38 +490,40 @@ def _iter_fill(dataset, brain_key, results, embedder, todo, gone,
         if len(indices):
             pending_ids.extend(todo_ids[j] for j in indices)
             pending_vecs.append(embeddings)
-            dirty = True
         failed.extend(todo_ids[j] for j in bad)
         done += len(indices) + len(bad)
-        if len(pending_ids) >= ADD_CHUNK:
-            flush()
-        if time.time() - last_save > SAVE_EVERY_SECONDS:
-            flush()
-            results.save()
+        if len(pending_ids) >= chunk:
+            flush_pending()
+        if checkpoint is not None and time.time() - last_save > SAVE_EVERY_SECONDS:
+            flush_pending()
+            checkpoint()
             last_save = time.time()
         yield Progress(done, total, "Embedding images")
 
-    flush()
-    if dirty:
-        results.save()
-    _invalidate(dataset, brain_key)
-    seconds = time.time() - start
+    flush_pending()
+    return failed
+
+
+def build_summary(brain_key, results, added, removed, failed, failed_ids,
+                  seconds):
+    """The result dict of a build: ``failed`` images could not be read,
+    e.g. ``failed_ids``."""
     if failed:
         logger.warning(
             "%d image(s) could not be read and were not indexed, e.g. %s",
-            len(failed), ", ".join(failed[:5]),
+            failed, ", ".join(failed_ids[:5]),
         )
 
     return {
         "brain_key": brain_key,
-        "backend": backend,
+        "backend": results.config.method,
         "indexed": int(results.total_index_size),
-        "added": total - len(failed),
+        "added": added,
         "removed": removed,
-        "failed": len(failed),
-        "failed_ids": failed[:20],
+        "failed": failed,
+        "failed_ids": failed_ids[:20],
         "seconds": round(seconds, 2),
-        "images_per_second": round((total - len(failed)) / seconds, 2) if seconds else None,
+        "images_per_second": round(added / seconds, 2) if seconds else None,
     }
 
 
@@ -438,7 +532,7 @@ def build_similarity_index(dataset, model=models.DEFAULT_MODEL,
                            model_config=None, brain_key=DEFAULT_BRAIN_KEY,
                            backend=DEFAULT_BACKEND, batch_size=None,
                            num_workers=None, device=None, overwrite=False,
-                           progress=None):
+                           num_shards=1, progress=None):
     """Computes CLIP image embeddings with open_clip and stores them in a
     fiftyone-brain similarity index that supports text prompts.
 
@@ -471,11 +565,17 @@ def build_similarity_index(dataset, model=models.DEFAULT_MODEL,
         num_workers (None): image-decoding worker processes
         device (None): ``"cuda"``, ``"cpu"``...; default: cuda if available
         overwrite (False): rebuild an existing index from scratch
+        num_shards (1): split the embedding into this many shards. Here they
+            run one after another in this process (the same result as one
+            shard); to run them in parallel on ``fiftyone delegated launch``
+            workers, queue the ``build_similarity_index`` operator delegated
+            (see docs/SCALE.md)
         progress (None): whether to render a progress bar, or a callback
 
     Returns:
         a dict: ``brain_key``, ``indexed``, ``added``, ``removed``,
-        ``failed`` (images that could not be read), ``seconds``...
+        ``failed`` (images that could not be read), ``seconds``... (plus
+        ``num_shards``, ``build_id`` and ``shard_operations`` when sharded)
     """
     from .progress import run
 
@@ -484,7 +584,7 @@ def build_similarity_index(dataset, model=models.DEFAULT_MODEL,
             dataset, model=model, pretrained=pretrained,
             model_config=model_config, brain_key=brain_key, backend=backend,
             batch_size=batch_size, num_workers=num_workers, device=device,
-            overwrite=overwrite,
+            overwrite=overwrite, num_shards=num_shards,
         ),
         progress=progress,
     )

@@ -9,7 +9,12 @@ from .history import (
 from .labeling import LabelAs, ManageConcepts
 from .metadata import EditMetadata, SetGeolocation, SetMetadataSchema
 from .upload import UploadWithConcepts
-from .similarity import BuildSimilarityIndex, FindSimilar, FindSimilarToSample
+from .similarity import (
+    BuildSimilarityIndex,
+    BuildSimilarityIndexShard,
+    FindSimilar,
+    FindSimilarToSample,
+)
 from ..panel import BulkLabelingPanel, OpenBulkLabelingPanel
 
 OPERATORS = [
@@ -24,6 +29,7 @@ OPERATORS = [
     SetMetadataSchema,
     SetGeolocation,
     BuildSimilarityIndex,
+    BuildSimilarityIndexShard,
     FindSimilar,
     FindSimilarToSample,
 ]

@@ -1,10 +1,11 @@
-"""Operators for smart search: build a CLIP similarity index, find similar
-samples by sample, image or text."""
+"""Operators for smart search: build a CLIP similarity index (in one run or
+in delegated shards), find similar samples by sample, image or text."""
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from ..core import models
+from ..core import sharding
 from ..core import similarity as sim
 from ..core.errors import BulkLabelingError
 from . import _common
@@ -21,6 +22,9 @@ def _int_param(ctx, name):
     value = ctx.params.get(name)
     if value is None or value == "":
         return None
+    # int() would silently truncate 2.5
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise BulkLabelingError("%s must be an integer" % name)
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -36,24 +40,26 @@ def _backends():
         return [sim.DEFAULT_BACKEND]
 
 
+def _build_config(name, label, description, **kwargs):
+    """The config of an index-building operator: it streams progress and
+    runs now or delegated."""
+    return foo.OperatorConfig(
+        name=name, label=label, description=description, icon=ICON,
+        execute_as_generator=True, allow_immediate_execution=True,
+        allow_delegated_execution=True, **kwargs)
+
+
 class BuildSimilarityIndex(foo.Operator):
     """Embeds the dataset's images with an open_clip model and stores them in
     a fiftyone-brain similarity index (text prompts included)."""
 
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="build_similarity_index",
-            label="Build similarity index",
-            description=(
-                "Compute CLIP embeddings (open_clip) and build a similarity "
-                "index for smart search"
-            ),
-            icon=ICON,
+        return _build_config(
+            "build_similarity_index", "Build similarity index",
+            "Compute CLIP embeddings (open_clip) and build a similarity "
+            "index for smart search",
             dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
         )
 
     def resolve_input(self, ctx):
@@ -102,6 +108,13 @@ class BuildSimilarityIndex(foo.Operator):
             "overwrite", default=False, label="Rebuild from scratch",
             description="Delete the existing index of this brain key first",
         )
+        inputs.int(
+            "num_shards", default=1, label="Shards",
+            description="Split the embedding into this many delegated "
+                        "operations, run in parallel by `fiftyone delegated "
+                        "launch` workers (Schedule it); run now, the shards "
+                        "run one after another",
+        )
 
         if brain_key in existing and not ctx.params.get("overwrite"):
             inputs.view("existing", types.Notice(
@@ -118,6 +131,7 @@ class BuildSimilarityIndex(foo.Operator):
 
     def _kwargs(self, ctx):
         device = ctx.params.get("device") or "auto"
+        num_shards = _int_param(ctx, "num_shards")
         return dict(
             model=ctx.params.get("model") or models.DEFAULT_MODEL,
             pretrained=ctx.params.get("pretrained") or models.DEFAULT_PRETRAINED,
@@ -128,24 +142,104 @@ class BuildSimilarityIndex(foo.Operator):
             num_workers=_int_param(ctx, "num_workers"),
             device=None if device == "auto" else device,
             overwrite=bool(ctx.params.get("overwrite", False)),
+            num_shards=1 if num_shards is None else num_shards,
         )
 
     def execute(self, ctx):
         def steps():
             if ctx.dataset is None:
                 raise BulkLabelingError("No dataset is loaded")
-            return sim.iter_build_index(ctx.dataset, **self._kwargs(ctx))
+            return sim.iter_build_index(
+                ctx.dataset, launch_shards=_shard_launcher(ctx, self),
+                **self._kwargs(ctx))
 
         return _common.execute_steps(ctx, self, steps, after=_reload_dataset)
 
     def resolve_output(self, ctx):
         outputs = types.Object()
         outputs.str("brain_key", label="Brain key")
+        outputs.int("num_shards", label="Shards")
+        outputs.list("shard_operations", types.String(),
+                     label="Delegated shard operations")
         outputs.int("indexed", label="Images in the index")
         outputs.int("added", label="Embedded now")
         outputs.int("removed", label="Deleted samples dropped")
         outputs.int("failed", label="Unreadable images")
         outputs.float("images_per_second", label="Images / s")
+        return types.Property(outputs)
+
+
+def _shard_launcher(ctx, operator):
+    """Queues each shard of a sharded build as a delegated
+    ``build_similarity_index_shard`` operation, for any worker, when this
+    run is itself delegated; None (run them inline) otherwise."""
+    if not ctx.delegated:
+        return None
+
+    def launch(build_id, num_shards, label):
+        from fiftyone.operators.delegated import DelegatedOperationService
+        from fiftyone.operators.executor import ExecutionContext
+
+        service = DelegatedOperationService()
+        uri = "%s/%s" % (operator.plugin_name, BuildSimilarityIndexShard.NAME)
+        ids = []
+        for shard in range(num_shards):
+            request = {
+                "dataset_name": ctx.dataset.name,
+                "dataset_id": str(ctx.dataset._doc.id),
+                "params": {"build_id": build_id, "shard": shard},
+                "request_delegation": True,
+                "delegated": True,
+            }
+            op = service.queue_operation(
+                operator=uri,
+                label="%s: shard %d / %d" % (label, shard + 1, num_shards),
+                delegation_target=ctx.delegation_target,
+                context=ExecutionContext(request_params=request),
+                metadata={"inputs_schema": None, "outputs_schema": None},
+            )
+            ids.append(str(op.id))
+        return ids
+
+    return launch
+
+
+class BuildSimilarityIndexShard(foo.Operator):
+    """One shard of a sharded ``build_similarity_index``: embeds its part of
+    the dataset; the shard that finishes last assembles the index. Queued
+    by ``build_similarity_index``, not meant to be run by hand."""
+
+    NAME = "build_similarity_index_shard"
+
+    @property
+    def config(self):
+        return _build_config(
+            self.NAME, "Build similarity index (shard)",
+            "One shard of a sharded similarity-index build", unlisted=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        inputs.str("build_id", required=True, label="Build id")
+        inputs.int("shard", required=True, label="Shard")
+        return types.Property(inputs)
+
+    def execute(self, ctx):
+        def steps():
+            if ctx.dataset is None:
+                raise BulkLabelingError("No dataset is loaded")
+            return sharding.iter_run_shard(
+                ctx.dataset, ctx.params.get("build_id"),
+                _int_param(ctx, "shard"),
+                operation_id=ctx.request_params.get("run_doc"))
+
+        return _common.execute_steps(ctx, self, steps, after=_reload_dataset)
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.int("added", label="Embedded")
+        outputs.int("failed", label="Unreadable images")
+        outputs.bool("assembled", label="Assembled the index")
         return types.Property(outputs)
 
 
