@@ -558,7 +558,12 @@ def default_num_workers(device):
     cpus = os.cpu_count() or 1
     if getattr(device, "type", device) == "cuda":
         return max(1, min(8, cpus - 1))
-    # On CPU the model needs the cores; one worker keeps decoding ahead of it
+    # On CPU the model needs the cores. With 2 or fewer, decoding between
+    # batches (~2 ms an image) costs less than a worker competing with the
+    # model's threads (measured: 0.98x vs 0.87x model-only, see
+    # docs/BENCHMARKS.md); with more, one worker keeps decoding ahead
+    if cpus <= 2:
+        return 0
     return 1 if cpus <= 4 else min(4, cpus // 4)
 
 
