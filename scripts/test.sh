@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export FIFTYONE_DO_NOT_TRACK=true HF_HUB_OFFLINE=1
-PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider -q -rs)
+PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider -q -rsR)
 
 status=0
 "${PYTEST[@]}" --ignore=tests/e2e "$@" || status=$?

@@ -343,3 +343,20 @@ def _current_uri():
     client = db.get_db().client
     host, port = client.address
     return "mongodb://%s:%d" % (host, port)
+
+
+def test_label_sample_as_targets_only_the_sample_being_viewed(dataset):
+    ids = make_samples(dataset, 5)
+    result = run_operator("label_sample_as", dataset=dataset,
+                          selected=ids[3:], current_sample=ids[1],
+                          params={"concepts": ["cat"]})
+    assert result["matched"] == 1 and result["changed"] == 1
+    labeled = dataset.match(
+        fo.ViewField("concepts.classifications.label").contains("cat"))
+    assert labeled.values("id") == [ids[1]]
+
+    # without an open sample it is a clear error, and nothing is written
+    with pytest.raises(Exception, match="No sample is open"):
+        run_operator("label_sample_as", dataset=dataset,
+                     params={"concepts": ["dog"]})
+    assert "dog" not in dataset.distinct("concepts.classifications.label")

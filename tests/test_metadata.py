@@ -876,3 +876,12 @@ def test_concurrent_editors_of_different_keys_lose_nothing(dataset):
     ops = history.list_operations(dataset, limit=0)
     assert len(ops) == 3 * rounds
     assert all(op["status"] == history.APPLIED for op in ops)
+
+
+def test_edit_sample_metadata_targets_only_the_sample_being_viewed(dataset):
+    ids = seed(dataset, ["<absent>", "<absent>", "<absent>"])
+    result = run_operator("edit_sample_metadata", dataset=dataset,
+                          current_sample=ids[2],
+                          params={"metadata": {"camera": "A7"}})
+    assert result["matched"] == 1 and result["changed"] == 1
+    assert dataset.values("custom_metadata.camera") == [None, None, "A7"]

@@ -6,8 +6,13 @@ from .history import (
     ResumeBulkOperation,
     UndoBulkOperation,
 )
-from .labeling import LabelAs, ManageConcepts
-from .metadata import EditMetadata, SetGeolocation, SetMetadataSchema
+from .labeling import LabelAs, LabelSampleAs, ManageConcepts
+from .metadata import (
+    EditMetadata,
+    EditSampleMetadata,
+    SetGeolocation,
+    SetMetadataSchema,
+)
 from .upload import UploadWithConcepts
 from .similarity import (
     BuildSimilarityIndex,
@@ -19,6 +24,7 @@ from ..panel import BulkLabelingPanel, OpenBulkLabelingPanel
 
 OPERATORS = [
     LabelAs,
+    LabelSampleAs,
     ManageConcepts,
     BulkHistory,
     UndoBulkOperation,
@@ -26,6 +32,7 @@ OPERATORS = [
     CheckPendingOperations,
     UploadWithConcepts,
     EditMetadata,
+    EditSampleMetadata,
     SetMetadataSchema,
     SetGeolocation,
     BuildSimilarityIndex,

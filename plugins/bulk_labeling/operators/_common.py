@@ -40,6 +40,16 @@ def target_view(ctx):
     return ctx.target_view()
 
 
+def current_sample_view(ctx):
+    """The sample open in the App's sample viewer, as a view (the target of
+    the operators placed there: never the whole view behind it)."""
+    if ctx.dataset is None:
+        raise BulkLabelingError("No dataset is loaded")
+    if not ctx.current_sample:
+        raise BulkLabelingError("No sample is open in the sample viewer")
+    return ctx.dataset.select(ctx.current_sample)
+
+
 def describe_target(ctx):
     target = ctx.params.get("view_target") or default_target(ctx)
     return {"kind": target, "label": TARGET_LABELS.get(target, target)}

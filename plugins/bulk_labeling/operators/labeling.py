@@ -52,9 +52,15 @@ class LabelAs(foo.Operator):
             ),
         )
 
+    def target(self, ctx):
+        return _common.target_view(ctx)
+
+    def describe_target(self, ctx):
+        return _common.describe_target(ctx)
+
     def resolve_input(self, ctx):
         inputs = types.Object()
-        view = _common.target_view(ctx)
+        view = self.target(ctx)
         inputs.enum(
             "mode",
             ["add", "remove"],
@@ -119,10 +125,10 @@ class LabelAs(foo.Operator):
                 raise BulkLabelingError("No concepts given")
 
             return labeling.iter_label(
-                _common.target_view(ctx),
+                self.target(ctx),
                 dry_run=bool(ctx.params.get("dry_run", False)),
                 user=_common.user_of(ctx),
-                target=_common.describe_target(ctx),
+                target=self.describe_target(ctx),
                 **kwargs,
             )
 
@@ -130,6 +136,35 @@ class LabelAs(foo.Operator):
 
     def resolve_output(self, ctx):
         return types.Property(_common.show_result(types.Object()))
+
+
+class LabelSampleAs(LabelAs):
+    """"Label as..." on the sample open in the sample viewer."""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="label_sample_as",
+            label="Label as...",
+            description="Add or remove concepts on this sample",
+            icon="/assets/label_as.svg",
+            dynamic=True,
+            execute_as_generator=True,
+            allow_immediate_execution=True,
+        )
+
+    def resolve_placement(self, ctx):
+        return types.Placement(
+            types.Places.SAMPLES_VIEWER_ACTIONS,
+            types.Button(label="Label as...", icon="/assets/label_as.svg",
+                         prompt=True),
+        )
+
+    def target(self, ctx):
+        return _common.current_sample_view(ctx)
+
+    def describe_target(self, ctx):
+        return {"kind": "CURRENT_SAMPLE", "label": "the sample being viewed"}
 
 
 class ManageConcepts(foo.Operator):

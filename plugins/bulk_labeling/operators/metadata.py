@@ -86,9 +86,15 @@ class EditMetadata(foo.Operator):
             ),
         )
 
+    def target(self, ctx):
+        return _common.target_view(ctx)
+
+    def describe_target(self, ctx):
+        return _common.describe_target(ctx)
+
     def resolve_input(self, ctx):
         inputs = types.Object()
-        view = _common.target_view(ctx)
+        view = self.target(ctx)
         inputs.enum(
             "mode",
             [m for m, _, _ in _MODE_CHOICES],
@@ -174,10 +180,10 @@ class EditMetadata(foo.Operator):
     def execute(self, ctx):
         def steps():
             return meta.iter_edit_metadata(
-                _common.target_view(ctx),
+                self.target(ctx),
                 dry_run=bool(ctx.params.get("dry_run", False)),
                 user=_common.user_of(ctx),
-                target=_common.describe_target(ctx),
+                target=self.describe_target(ctx),
                 **self._parse(ctx),
             )
 
@@ -185,6 +191,35 @@ class EditMetadata(foo.Operator):
 
     def resolve_output(self, ctx):
         return types.Property(_common.show_result(types.Object()))
+
+
+class EditSampleMetadata(EditMetadata):
+    """"Edit metadata" on the sample open in the sample viewer."""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="edit_sample_metadata",
+            label="Edit metadata",
+            description="Merge, overwrite or remove JSON metadata on this sample",
+            icon=METADATA_ICON,
+            dynamic=True,
+            execute_as_generator=True,
+            allow_immediate_execution=True,
+        )
+
+    def resolve_placement(self, ctx):
+        return types.Placement(
+            types.Places.SAMPLES_VIEWER_ACTIONS,
+            types.Button(label="Edit metadata", icon=METADATA_ICON,
+                         prompt=True),
+        )
+
+    def target(self, ctx):
+        return _common.current_sample_view(ctx)
+
+    def describe_target(self, ctx):
+        return {"kind": "CURRENT_SAMPLE", "label": "the sample being viewed"}
 
 
 class SetMetadataSchema(foo.Operator):
