@@ -50,6 +50,40 @@ def current_sample_view(ctx):
     return ctx.dataset.select(ctx.current_sample)
 
 
+class SampleViewerAction(object):
+    """Mixin that turns a bulk operator into an action of the App's sample
+    viewer, acting on the open sample only. List it before the operator::
+
+        class LabelSampleAs(SampleViewerAction, LabelAs):
+            viewer_name = "label_sample_as"
+            viewer_description = "Add or remove concepts on this sample"
+    """
+
+    viewer_name = None
+    viewer_description = None
+
+    @property
+    def config(self):
+        config = super().config
+        config.name = self.viewer_name
+        config.description = self.viewer_description
+        config.allow_delegated_execution = False  # one sample
+        return config
+
+    def resolve_placement(self, ctx):
+        return types.Placement(
+            types.Places.SAMPLES_VIEWER_ACTIONS,
+            types.Button(label=self.config.label, icon=self.config.icon,
+                         prompt=True),
+        )
+
+    def target(self, ctx):
+        return current_sample_view(ctx)
+
+    def describe_target(self, ctx):
+        return {"kind": "CURRENT_SAMPLE", "label": "the sample being viewed"}
+
+
 def describe_target(ctx):
     target = ctx.params.get("view_target") or default_target(ctx)
     return {"kind": target, "label": TARGET_LABELS.get(target, target)}

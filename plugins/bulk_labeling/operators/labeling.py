@@ -138,33 +138,11 @@ class LabelAs(foo.Operator):
         return types.Property(_common.show_result(types.Object()))
 
 
-class LabelSampleAs(LabelAs):
+class LabelSampleAs(_common.SampleViewerAction, LabelAs):
     """"Label as..." on the sample open in the sample viewer."""
 
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="label_sample_as",
-            label="Label as...",
-            description="Add or remove concepts on this sample",
-            icon="/assets/label_as.svg",
-            dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-        )
-
-    def resolve_placement(self, ctx):
-        return types.Placement(
-            types.Places.SAMPLES_VIEWER_ACTIONS,
-            types.Button(label="Label as...", icon="/assets/label_as.svg",
-                         prompt=True),
-        )
-
-    def target(self, ctx):
-        return _common.current_sample_view(ctx)
-
-    def describe_target(self, ctx):
-        return {"kind": "CURRENT_SAMPLE", "label": "the sample being viewed"}
+    viewer_name = "label_sample_as"
+    viewer_description = "Add or remove concepts on this sample"
 
 
 class ManageConcepts(foo.Operator):

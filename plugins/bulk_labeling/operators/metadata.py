@@ -193,33 +193,11 @@ class EditMetadata(foo.Operator):
         return types.Property(_common.show_result(types.Object()))
 
 
-class EditSampleMetadata(EditMetadata):
+class EditSampleMetadata(_common.SampleViewerAction, EditMetadata):
     """"Edit metadata" on the sample open in the sample viewer."""
 
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="edit_sample_metadata",
-            label="Edit metadata",
-            description="Merge, overwrite or remove JSON metadata on this sample",
-            icon=METADATA_ICON,
-            dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-        )
-
-    def resolve_placement(self, ctx):
-        return types.Placement(
-            types.Places.SAMPLES_VIEWER_ACTIONS,
-            types.Button(label="Edit metadata", icon=METADATA_ICON,
-                         prompt=True),
-        )
-
-    def target(self, ctx):
-        return _common.current_sample_view(ctx)
-
-    def describe_target(self, ctx):
-        return {"kind": "CURRENT_SAMPLE", "label": "the sample being viewed"}
+    viewer_name = "edit_sample_metadata"
+    viewer_description = "Merge, overwrite or remove JSON metadata on this sample"
 
 
 class SetMetadataSchema(foo.Operator):
