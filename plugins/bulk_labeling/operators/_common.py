@@ -4,6 +4,7 @@ Operators are thin adapters: they build forms, parse params, call the core
 and report back. No database logic lives here.
 """
 
+import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from fiftyone.operators.constants import ViewTarget
 
@@ -15,6 +16,18 @@ TARGET_LABELS = {
     ViewTarget.CURRENT_VIEW: "the current view",
     ViewTarget.DATASET: "the whole dataset",
 }
+
+
+def bulk_operator_config(**kwargs):
+    """The config of a bulk operator: it streams its progress to the App and
+    runs now or as a delegated operation. ``kwargs`` as for
+    :class:`fiftyone.operators.OperatorConfig`."""
+    return foo.OperatorConfig(
+        execute_as_generator=True,
+        allow_immediate_execution=True,
+        allow_delegated_execution=True,
+        **kwargs
+    )
 
 
 def default_target(ctx):

@@ -48,14 +48,11 @@ class UndoBulkOperation(foo.Operator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(
+        return _common.bulk_operator_config(
             name="undo_bulk_operation",
             label="Undo bulk operation",
             description="Restore the samples a bulk operation changed",
             icon="/assets/undo.svg",
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
         )
 
     def resolve_input(self, ctx):
@@ -105,13 +102,10 @@ class ResumeBulkOperation(foo.Operator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(
+        return _common.bulk_operator_config(
             name="resume_bulk_operation",
             label="Resume interrupted bulk operation",
             icon="/assets/history.svg",
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
         )
 
     def resolve_input(self, ctx):

@@ -31,15 +31,12 @@ class LabelAs(foo.Operator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(
+        return _common.bulk_operator_config(
             name="label_as",
             label="Label as...",
             description="Add or remove concepts on many samples at once",
             icon="/assets/label_as.svg",
             dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
         )
 
     def resolve_placement(self, ctx):
@@ -150,15 +147,12 @@ class ManageConcepts(foo.Operator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(
+        return _common.bulk_operator_config(
             name="manage_concepts",
             label="Manage concepts",
             description="List, create, rename or delete concepts",
             icon="/assets/concepts.svg",
             dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
         )
 
     def resolve_input(self, ctx):

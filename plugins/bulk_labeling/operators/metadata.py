@@ -23,11 +23,6 @@ _MODE_CHOICES = [
 ]
 
 
-def _reload_grid(ctx, result):
-    if result and not result.get("dry_run"):
-        yield ctx.ops.reload_dataset()
-
-
 def _json_text(value):
     text = json.dumps(value, indent=2, ensure_ascii=False)
     if len(text) > _PREVIEW_CHARS:
@@ -65,15 +60,12 @@ class EditMetadata(foo.Operator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(
+        return _common.bulk_operator_config(
             name="edit_metadata",
             label="Edit metadata",
             description="Merge, overwrite or remove JSON metadata on many samples at once",
             icon=METADATA_ICON,
             dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
         )
 
     def resolve_placement(self, ctx):
@@ -187,7 +179,7 @@ class EditMetadata(foo.Operator):
                 **self._parse(ctx),
             )
 
-        return _common.execute_steps(ctx, self, steps, after=_reload_grid)
+        return _common.execute_steps(ctx, self, steps, after=_common.reload_grid)
 
     def resolve_output(self, ctx):
         return types.Property(_common.show_result(types.Object()))
@@ -205,15 +197,12 @@ class SetMetadataSchema(foo.Operator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(
+        return _common.bulk_operator_config(
             name="set_metadata_schema",
             label="Set metadata schema",
             description="Validate every metadata edit and upload against a JSON Schema",
             icon=METADATA_ICON,
             dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
         )
 
     def resolve_input(self, ctx):
@@ -295,15 +284,12 @@ class SetGeolocation(foo.Operator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(
+        return _common.bulk_operator_config(
             name="set_geolocation",
             label="Set geolocation",
             description="Set a latitude/longitude on many samples at once (Map panel)",
             icon=GEO_ICON,
             dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
         )
 
     def resolve_input(self, ctx):
@@ -367,7 +353,7 @@ class SetGeolocation(foo.Operator):
                 target=_common.describe_target(ctx),
             )
 
-        return _common.execute_steps(ctx, self, steps, after=_reload_grid)
+        return _common.execute_steps(ctx, self, steps, after=_common.reload_grid)
 
     def resolve_output(self, ctx):
         return types.Property(_common.show_result(types.Object()))

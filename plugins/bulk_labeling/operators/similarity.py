@@ -40,25 +40,18 @@ def _backends():
         return [sim.DEFAULT_BACKEND]
 
 
-def _build_config(name, label, description, **kwargs):
-    """The config of an index-building operator: it streams progress and
-    runs now or delegated."""
-    return foo.OperatorConfig(
-        name=name, label=label, description=description, icon=ICON,
-        execute_as_generator=True, allow_immediate_execution=True,
-        allow_delegated_execution=True, **kwargs)
-
-
 class BuildSimilarityIndex(foo.Operator):
     """Embeds the dataset's images with an open_clip model and stores them in
     a fiftyone-brain similarity index (text prompts included)."""
 
     @property
     def config(self):
-        return _build_config(
-            "build_similarity_index", "Build similarity index",
-            "Compute CLIP embeddings (open_clip) and build a similarity "
-            "index for smart search",
+        return _common.bulk_operator_config(
+            name="build_similarity_index",
+            label="Build similarity index",
+            description="Compute CLIP embeddings (open_clip) and build a "
+            "similarity index for smart search",
+            icon=ICON,
             dynamic=True,
         )
 
@@ -213,9 +206,12 @@ class BuildSimilarityIndexShard(foo.Operator):
 
     @property
     def config(self):
-        return _build_config(
-            self.NAME, "Build similarity index (shard)",
-            "One shard of a sharded similarity-index build", unlisted=True,
+        return _common.bulk_operator_config(
+            name=self.NAME,
+            label="Build similarity index (shard)",
+            description="One shard of a sharded similarity-index build",
+            icon=ICON,
+            unlisted=True,
         )
 
     def resolve_input(self, ctx):

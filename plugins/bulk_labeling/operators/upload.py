@@ -41,7 +41,7 @@ class UploadWithConcepts(foo.Operator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(
+        return _common.bulk_operator_config(
             name="upload_with_concepts",
             label="Upload with concepts",
             description=(
@@ -50,9 +50,6 @@ class UploadWithConcepts(foo.Operator):
             ),
             icon="/assets/upload.svg",
             dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
         )
 
     def resolve_placement(self, ctx):
