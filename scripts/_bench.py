@@ -31,6 +31,14 @@ else:
 from bulk_labeling.testing import insert_bare_samples  # noqa: E402,F401
 
 
+def settle():
+    """Flushes the set-up's writes to disk (a WiredTiger checkpoint), so
+    that no checkpoint of them lands inside the operation timed next."""
+    from bulk_labeling.core import database as db
+
+    db.get_db().client.admin.command("fsync")
+
+
 def machine():
     cpu = platform.processor() or platform.machine()
     try:

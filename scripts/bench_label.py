@@ -5,14 +5,16 @@ Usage::
 
     .venv/bin/python scripts/bench_label.py [--samples 100000] [--record]
 
-Prints one table; ``--record`` appends it to docs/BENCHMARKS.md. Runs in a
-database of its own (a temporary FIFTYONE_DATABASE_DIR), never the user's.
+Ours and the unjournaled baseline run the same batches on the same writer
+threads (``bulk_labeling.core.database.write_workers()``, or
+``BULK_LABELING_WRITE_WORKERS``); the journaling overhead is also measured
+with one writer. Prints one table; ``--record`` appends it to
+docs/BENCHMARKS.md. Runs in a database of its own, never the user's.
 """
 
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -28,6 +30,7 @@ from bulk_labeling.core import labeling  # noqa: E402
 def fresh_dataset(count):
     dataset = fo.Dataset()
     _bench.insert_bare_samples(dataset, count)
+    _bench.settle()
     return dataset
 
 
@@ -44,6 +47,7 @@ def time_label_as(count):
 def time_label_as_remove(count):
     dataset = fresh_dataset(count)
     bl.label(dataset, add=["cat", "pet"], progress=False)
+    _bench.settle()
     start = time.perf_counter()
     result = bl.label(dataset, remove=["cat"], progress=False)
     elapsed = time.perf_counter() - start
@@ -53,8 +57,9 @@ def time_label_as_remove(count):
 
 
 def time_unjournaled_write(count, remove=False):
-    """The same server-side writes as label_as, without the journal: what
-    the journal's overhead is measured against."""
+    """The same server-side writes as label_as, on the same batches and
+    writer threads, without the journal: what the journal's overhead is
+    measured against."""
     dataset = fresh_dataset(count)
     coll = db.sample_coll(dataset)
     field = "concepts"
@@ -74,11 +79,15 @@ def time_unjournaled_write(count, remove=False):
     }
     prefixes = db.allocate_id_prefixes(dataset, len(params["add"]))
     pipeline = labeling._update_pipeline(params, prefixes)
+    _bench.settle()
+
+    def write(ids):
+        query = labeling._changed_query(params, ids)
+        return coll.update_many(query, pipeline).modified_count
+
     start = time.perf_counter()
-    changed = 0
-    for ids in db.iter_id_batches(dataset):
-        res = coll.update_many(labeling._changed_query(params, ids), pipeline)
-        changed += res.modified_count
+    batches = ((ids,) for ids in db.iter_id_batches(dataset))
+    changed = sum(n for _, n in db.map_batches(batches, write))
     elapsed = time.perf_counter() - start
     assert changed == count, changed
     dataset.delete()
@@ -128,6 +137,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-slow", action="store_true",
                         help="skip set_values and the save() loop")
+    parser.add_argument("--skip-one-writer", action="store_true",
+                        help="skip the journaling overhead with one writer")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     n = args.samples
@@ -135,6 +146,7 @@ def main():
     def best(fn, *a):
         return min(fn(*a) for _ in range(args.repeats))
 
+    workers = db.write_workers()
     rows = []
     tag = best(time_tag_samples, n)
     ours = best(time_label_as, n)
@@ -144,12 +156,28 @@ def main():
     rows.append(("label_as add 2 concepts (journaled)", ours, "tag_samples", tag, 1.5))
     rows.append(("label_as add 2 concepts (journaled)", ours, "same writes, no journal", raw, 1.2))
     rows.append(("label_as remove (journaled, captures labels)", ours_rm, "same writes, no journal", raw_rm, 1.2))
+    if workers > 1 and not args.skip_one_writer:
+        # The journal's overhead with one writer: nothing runs beside the
+        # writes to absorb it
+        os.environ["BULK_LABELING_WRITE_WORKERS"] = "1"
+        ours1 = best(time_label_as, n)
+        raw1 = best(time_unjournaled_write, n)
+        ours_rm1 = best(time_label_as_remove, n)
+        raw_rm1 = best(time_unjournaled_write, n, True)
+        del os.environ["BULK_LABELING_WRITE_WORKERS"]
+        rows.append(("label_as add 2 concepts (journaled), 1 writer", ours1,
+                     "same writes, no journal, 1 writer", raw1, 1.2))
+        rows.append(("label_as remove (journaled), 1 writer", ours_rm1,
+                     "same writes, no journal, 1 writer", raw_rm1, 1.2))
+        rows.append(("label_as add 2 concepts (journaled), %d writers" % workers,
+                     ours, "the same, 1 writer", ours1, None))
     if not args.skip_slow:
         rows.append(("label_as add 2 concepts (journaled)", ours, "set_values", time_set_values(n), None))
         rows.append(("label_as add 2 concepts (journaled)", ours, "per-sample save() (extrapolated from 2,000)", time_save_loop(n), None))
 
     table = _bench.format_table(
-        "Label as... on %s samples" % format(n, ","), rows,
+        "Label as... on %s samples (%d writers unless noted; best of %d)"
+        % (format(n, ","), workers, args.repeats), rows,
         columns=("ours", "ours (s)", "baseline", "baseline (s)", "ratio ours/baseline", "required"),
     )
     print(table)

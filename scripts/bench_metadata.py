@@ -115,6 +115,7 @@ def fresh_dataset(count, with_values=False):
             {}, {"$set": {"custom_metadata": {"camera": "old", "site": {"row": 1},
                                               "score": 0.1}}}
         )
+    _bench.settle()
     return dataset
 
 
@@ -133,6 +134,7 @@ def time_raw(count, by_ids, with_values=False, last_modified=False):
     query = {}
     if by_ids:
         query = {"_id": {"$in": [d["_id"] for d in coll.find({}, {"_id": 1})]}}
+        _bench.settle()
     update = {"$set": RAW_SET}
     if last_modified:
         update["$currentDate"] = {"last_modified_at": True}

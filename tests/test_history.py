@@ -214,14 +214,19 @@ def test_dry_runs_write_nothing(dataset):
     assert dataset.classes["concepts"] == ["cat"]
 
 
-def test_inversion_data_is_chunked_below_the_document_limit(dataset):
+@pytest.mark.parametrize("workers,sizes", [("1", [60_000] * 2),
+                                           ("8", [15_000] * 8)])
+def test_inversion_data_is_chunked_below_the_document_limit(
+        dataset, monkeypatch, workers, sizes):
+    # Chunks hold at most 100k ids, in equal parts, and every writer gets one
+    monkeypatch.setenv("BULK_LABELING_WRITE_WORKERS", workers)
     insert_bare_samples(dataset, 120_000)
     bl.label(dataset, add=["cat"])
     result = bl.label(dataset, remove=["cat"])
     conn = db.get_db()
     op_id = ObjectId(result["operation_id"])
     chunks = list(conn[db.TARGETS_COLLECTION].find({"op_id": op_id}))
-    assert [len(c["ids"]) for c in chunks] == [100_000, 20_000]
+    assert sorted(len(c["ids"]) for c in chunks) == sorted(sizes)
     assert max(len(encode(c)) for c in chunks) < 16 * 1024 * 1024
     captures = list(conn[db.UNDO_COLLECTION].find({"op_id": op_id}))
     assert sum(len(c["entries"]) for c in captures) == 120_000

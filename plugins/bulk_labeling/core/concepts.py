@@ -14,7 +14,6 @@ import fiftyone.core.labels as fol
 from . import database as db
 from . import history
 from .errors import BulkLabelingError
-from .progress import Progress
 
 DEFAULT_FIELD = "concepts"
 NEGATIVE_SUFFIX = "_negative"
@@ -332,32 +331,23 @@ def _write_vocabulary_op(dataset, op):
     name = params.get("old", params.get("name"))
     new = params.get("new")
     coll = db.sample_coll(dataset)
-    total = op.record["target"]["count"]
-    done = 0
-    for seq, ids in op.iter_pending_batches():
+
+    # One atomic update per sample covers both polarities, so `changed`
+    # counts samples, not fields
+    sets = {"last_modified_at": "$$NOW"}
+    for field in params["fields"]:
+        sets[field] = _relabel_expr(field, name, new)
+    holds_name = {"$or": [{"%s.classifications.label" % f: name}
+                          for f in params["fields"]]}
+
+    def write_batch(seq, ids):
         for step, field in enumerate(params["fields"]):
-            op.capture_labels(ids, field, [name], step)
+            op.capture_labels(ids, field, [name], step, seq)
 
-        # One atomic update per sample covers both polarities, so `changed`
-        # counts samples, not fields
-        sets = {"last_modified_at": "$$NOW"}
-        for field in params["fields"]:
-            sets[field] = _relabel_expr(field, name, new)
+        res = coll.update_many(ids.query(holds_name), [{"$set": sets}])
+        return len(ids), res.modified_count
 
-        res = coll.update_many(
-            {
-                "_id": {"$in": ids},
-                "$or": [
-                    {"%s.classifications.label" % f: name}
-                    for f in params["fields"]
-                ],
-            },
-            [{"$set": sets}],
-        )
-        changed = res.modified_count
-        op.batch_done(seq, len(ids), changed)
-        done += len(ids)
-        yield Progress(done, total, op.type)
+    yield from op.run_batches(write_batch, op.type)
 
 
 def _relabel_expr(field, name, new):

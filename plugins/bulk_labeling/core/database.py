@@ -4,12 +4,17 @@ Everything that talks to pymongo directly lives in the core; this module holds
 the pieces that several core modules share.
 """
 
+import concurrent.futures
+import os
+
 import fiftyone.core.dataset as fod
 import fiftyone.core.odm as foo
 import fiftyone.core.sample as fos
 from bson import ObjectId
+from bson.raw_bson import DEFAULT_RAW_BSON_OPTIONS
 
 from .errors import BulkLabelingError
+from .idbatch import IdBatch
 
 #: Number of sample ids per bulk write. 100k ids keep each update command,
 #: and each journal chunk that stores them, far below MongoDB's 16 MB limit
@@ -67,32 +72,149 @@ def scan_hint(coll, ids):
     return None
 
 
-def iter_id_batches(sample_collection, batch_size=None):
-    """Streams the sample ids of a collection in batches, never holding more
-    than one batch in memory."""
-    batch_size = batch_size or ID_BATCH_SIZE
-    coll = sample_coll(sample_collection)
+#: A bulk operation is split over several writers only when each gets at
+#: least this many samples; below that, one batch is faster
+MIN_PARALLEL_BATCH = 5_000
+
+
+def write_workers():
+    """How many batches of a bulk operation are written at once, each on its
+    own connection, so that the server works on them in parallel.
+
+    ``BULK_LABELING_WRITE_WORKERS`` sets it; the default is this machine's
+    core count, at most 4 (measured on 2 cores: 2 writers take 0.55x the
+    time of one; see docs/BENCHMARKS.md).
+    """
+    value = os.environ.get("BULK_LABELING_WRITE_WORKERS", "").strip()
+    if value:
+        try:
+            workers = int(value)
+        except ValueError:
+            raise BulkLabelingError(
+                "BULK_LABELING_WRITE_WORKERS must be an integer, not %r" % value
+            )
+        return max(1, workers)
+
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def batch_size_for(count, workers=None):
+    """Sample ids per batch for an operation on ``count`` samples: at most
+    :data:`ID_BATCH_SIZE`, and small enough that every writer gets a batch
+    (but no smaller than :data:`MIN_PARALLEL_BATCH`)."""
+    if workers is None:
+        workers = write_workers()
+    size = ID_BATCH_SIZE
+    if workers > 1 and count:
+        size = min(size, max(MIN_PARALLEL_BATCH, -(-count // workers)))
+    return max(1, size)
+
+
+def iter_id_batches(sample_collection, count=None, batch_size=None):
+    """Streams the sample ids of a collection in batches (see
+    :func:`batch_size_for`), never holding more than one batch in memory.
+
+    Yields:
+        :class:`bulk_labeling.core.idbatch.IdBatch` objects
+    """
+    if count is None:
+        count = sample_collection.count()
     if is_full_dataset(sample_collection):
-        cursor = coll.find({}, {"_id": 1}, batch_size=batch_size)
+        pipeline = []
     else:
-        pipeline = sample_collection._pipeline() + [{"$project": {"_id": 1}}]
-        cursor = coll.aggregate(
-            pipeline, allowDiskUse=True, batchSize=batch_size
+        pipeline = sample_collection._pipeline()
+
+    return _iter_packed_ids(
+        sample_coll(sample_collection), pipeline, count, batch_size
+    )
+
+
+def iter_query_id_batches(dataset, query, count=None, batch_size=None):
+    """Streams, in batches, the ids of the dataset's samples that match a
+    MongoDB query."""
+    coll = sample_coll(dataset)
+    if count is None:
+        count = coll.count_documents(query)
+    return _iter_packed_ids(coll, [{"$match": query}], count, batch_size)
+
+
+def _iter_packed_ids(coll, pipeline, count, batch_size):
+    """The server packs each batch of ids into one array, which is kept raw
+    (see :class:`bulk_labeling.core.idbatch.IdBatch`)."""
+    if batch_size is None:
+        batch_size = batch_size_for(count)
+
+    pipeline = pipeline + [{"$project": {"_id": 1}}]
+    if count <= batch_size:
+        pipeline.append({"$group": {"_id": None, "ids": {"$push": "$_id"}}})
+    else:
+        # Equal-count ranges of ids (split further below if the collection
+        # grew since it was counted)
+        pipeline.append(
+            {
+                "$bucketAuto": {
+                    "groupBy": "$_id",
+                    "buckets": -(-count // batch_size),
+                    "output": {"ids": {"$push": "$_id"}},
+                }
+            }
         )
+    pipeline.append(
+        {"$project": {"_id": 0, "ids": 1, "count": {"$size": "$ids"}}}
+    )
 
-    return _batched_ids(cursor, batch_size)
+    raw = coll.with_options(codec_options=DEFAULT_RAW_BSON_OPTIONS)
+    for doc in raw.aggregate(pipeline, allowDiskUse=True, batchSize=1):
+        yield from IdBatch.from_document(doc).split(batch_size)
 
 
-def _batched_ids(cursor, batch_size):
-    batch = []
-    for doc in cursor:
-        batch.append(doc["_id"])
-        if len(batch) >= batch_size:
-            yield batch
-            batch = []
+def map_batches(batches, process, workers=None):
+    """Runs ``process(*batch)`` for every batch on up to ``workers`` threads
+    and yields ``(batch, result)`` as each one finishes.
 
-    if batch:
-        yield batch
+    Batches are drawn from the iterable only as threads free up, so at most
+    ``workers`` are in memory at once. If one raises, the ones already
+    running finish (and are yielded) before the error is raised.
+    """
+    if workers is None:
+        workers = write_workers()
+
+    batches = iter(batches)
+    if workers <= 1:
+        for batch in batches:
+            yield batch, process(*batch)
+        return
+
+    error = None
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        running = {}
+
+        def submit():
+            for batch in batches:
+                running[pool.submit(process, *batch)] = batch
+                return
+
+        for _ in range(workers):
+            submit()
+
+        while running:
+            finished, _ = concurrent.futures.wait(
+                running, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            for future in finished:
+                batch = running.pop(future)
+                try:
+                    result = future.result()
+                except Exception as e:
+                    error = error or e
+                    continue
+
+                yield batch, result
+                if error is None:
+                    submit()
+
+    if error is not None:
+        raise error
 
 
 def reload_samples(dataset):
@@ -159,14 +281,6 @@ def generated_id_expr(prefix, tail=SAMPLE_ID_TAIL_EXPR):
 def generated_id(prefix, sample_id):
     """Python twin of :func:`generated_id_expr`."""
     return ObjectId(prefix + str(sample_id)[8:])
-
-
-def iter_query_id_batches(dataset, query, batch_size=None):
-    """Streams, in batches, the ids of the dataset's samples that match a
-    MongoDB query."""
-    batch_size = batch_size or ID_BATCH_SIZE
-    cursor = sample_coll(dataset).find(query, {"_id": 1}, batch_size=batch_size)
-    return _batched_ids(cursor, batch_size)
 
 
 def classifications_expr(field, labels):

@@ -16,11 +16,15 @@ half-applied state. :func:`pending_operations` surfaces such records, and
 An operation runs in two phases, so that it can be resumed or undone from any
 point:
 
-1.  **targeting**: the ids of the targeted samples are stored in chunks of
-    :data:`bulk_labeling.core.database.ID_BATCH_SIZE`;
+1.  **targeting**: the ids of the targeted samples are stored in chunks of at
+    most :data:`bulk_labeling.core.database.ID_BATCH_SIZE` (see
+    :func:`bulk_labeling.core.database.batch_size_for`);
 2.  **writing**: each chunk is captured (the prior state that the write will
-    destroy is copied into the undo collection) and then written, and the
-    chunk is marked done.
+    destroy is copied into the undo collection, then the capture is marked
+    complete) and then written, and the chunk is marked done. Chunks are
+    written by :func:`bulk_labeling.core.database.write_workers` threads at
+    once, each chunk on its own, so a kill leaves each chunk either done,
+    captured-but-maybe-half-written, or untouched.
 
 How to invert an operation is described by a list of *inverse steps* of a few
 generic kinds, so that undo does not depend on the module that wrote:
@@ -45,9 +49,11 @@ import numbers
 
 import pymongo
 from bson import ObjectId
+from bson.raw_bson import DEFAULT_RAW_BSON_OPTIONS
 
 from . import database as db
 from .errors import BulkLabelingError
+from .idbatch import IdBatch, split_document
 from .progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -96,11 +102,13 @@ def _collections():
         targets.create_index(
             [("op_id", pymongo.ASCENDING), ("seq", pymongo.ASCENDING)]
         )
+        # Captures are found by chunk, so no multikey index on the sample
+        # ids is needed (it cost ~15% of a capture)
         undo.create_index(
             [
                 ("op_id", pymongo.ASCENDING),
                 ("step", pymongo.ASCENDING),
-                ("entries.sample_id", pymongo.ASCENDING),
+                ("seq", pymongo.ASCENDING),
             ]
         )
         _indexes_ready.add(key)
@@ -120,10 +128,12 @@ class Operation(object):
         record: the operation's record, as stored
     """
 
-    def __init__(self, dataset, record):
+    def __init__(self, dataset, record, fresh=False):
         self.dataset = dataset
         self.record = record
         self._cached_targets = None
+        # A fresh operation has no captures yet: no need to look for them
+        self._fresh = fresh
 
     @property
     def id(self):
@@ -173,12 +183,14 @@ class Operation(object):
             "stage": "targeting",
             "num_batches": 0,
             "batches_done": 0,
+            "done_seqs": [],
+            "captured": [],
             "matched": 0,
             "changed": 0,
             "inverse": inverse,
         }
         ops.insert_one(record)
-        return cls(dataset, record)
+        return cls(dataset, record, fresh=True)
 
     @classmethod
     def load(cls, dataset, operation_id):
@@ -208,7 +220,9 @@ class Operation(object):
         """Stores the targeted sample ids (targeting phase).
 
         Args:
-            id_batches: an iterable of lists of sample ``ObjectId``
+            id_batches: an iterable of
+                :class:`bulk_labeling.core.idbatch.IdBatch` (or lists of
+                sample ``ObjectId``)
 
         Returns:
             the number of targeted samples
@@ -220,7 +234,8 @@ class Operation(object):
         # instead of reading them back, up to a bounded number of them
         cached = []
         for ids in id_batches:
-            targets.insert_one({"op_id": self.id, "seq": seq, "ids": ids})
+            ids = IdBatch.of(ids)
+            targets.insert_one(ids.document({"op_id": self.id, "seq": seq}))
             if cached is not None and count + len(ids) <= TARGET_CACHE_SIZE:
                 cached.append((seq, ids))
             else:
@@ -235,21 +250,27 @@ class Operation(object):
         return count
 
     def iter_target_batches(self, start=0):
-        """Yields ``(seq, ids)`` for every stored chunk of target ids."""
+        """Yields ``(seq, ids)`` for every stored chunk of target ids, the
+        ids as an :class:`bulk_labeling.core.idbatch.IdBatch`."""
         _, targets, _ = _collections()
-        cursor = targets.find(
-            {"op_id": self.id, "seq": {"$gte": start}}, {"ids": 1, "seq": 1}
+        raw = targets.with_options(codec_options=DEFAULT_RAW_BSON_OPTIONS)
+        cursor = raw.find(
+            {"op_id": self.id, "seq": {"$gte": start}},
+            {"_id": 0, "ids": 1, "seq": 1, "count": 1},
         ).sort("seq", 1)
         for chunk in cursor:
-            yield chunk["seq"], chunk["ids"]
+            fields, ids = split_document(chunk)
+            yield fields["seq"], ids
 
     def iter_pending_batches(self):
         """Yields ``(seq, ids)`` for the chunks not yet written."""
-        start = self.record["batches_done"]
+        done = set(self.record.get("done_seqs") or [])
         cached = self._cached_targets
         if cached is not None:
-            return iter([(seq, ids) for seq, ids in cached if seq >= start])
-        return self.iter_target_batches(start=start)
+            batches = iter(cached)
+        else:
+            batches = self.iter_target_batches()
+        return ((seq, ids) for seq, ids in batches if seq not in done)
 
     def batch_done(self, seq, matched, changed):
         """Marks a chunk written and adds its counts, in one atomic update."""
@@ -257,33 +278,60 @@ class Operation(object):
         ops.update_one(
             {"_id": self.id},
             {
-                "$set": {"batches_done": seq + 1},
-                "$inc": {"matched": matched, "changed": changed},
+                "$addToSet": {"done_seqs": seq},
+                "$inc": {"batches_done": 1, "matched": matched,
+                         "changed": changed},
             },
         )
-        self.record["batches_done"] = seq + 1
+        self.record.setdefault("done_seqs", []).append(seq)
+        self.record["batches_done"] += 1
         self.record["matched"] += matched
         self.record["changed"] += changed
 
-    def capture(self, pipeline, step):
+    def run_batches(self, process, label):
+        """Writes the pending chunks, several at once (see
+        :func:`bulk_labeling.core.database.map_batches`).
+
+        ``process(seq, ids)`` captures and writes one chunk and returns
+        ``(matched, changed)``. Each chunk is marked done as it finishes. A
+        generator of :class:`Progress`.
+        """
+        total = self.record["target"]["count"]
+        done = self.record["matched"]
+        for (seq, ids), (matched, changed) in db.map_batches(
+            self.iter_pending_batches(), process
+        ):
+            self.batch_done(seq, matched, changed)
+            done += len(ids)
+            yield Progress(min(done, total), total, label)
+
+    def capture(self, ids, pipeline, step, seq):
         """Copies prior state into the undo collection, server-side.
 
         Captures are grouped into chunks of about :data:`CAPTURE_CHUNK_SIZE`
         samples, so a million-sample operation writes a thousand small
         documents rather than a million, and none nears MongoDB's 16 MB limit.
+        Once complete, the capture is marked in the operation's record; the
+        chunk is written only after that.
 
         Args:
+            ids: the :class:`bulk_labeling.core.idbatch.IdBatch` of the chunk
             pipeline: an aggregation pipeline over the sample collection that
-                starts with ``{"$match": {"_id": {"$in": ids}, ...}}`` and
-                outputs one document per sample, with a ``sample_id`` and the
+                starts with a ``$match`` of ``ids.query(...)`` and outputs
+                one document per sample, with a ``sample_id`` and the
                 captured data
             step: the index of the inverse step the capture belongs to
+            seq: the chunk of targets the captured samples belong to
         """
-        ids = pipeline[0]["$match"]["_id"]["$in"]
-        # Resuming a chunk whose capture already ran must not capture the
-        # state that the interrupted write left behind
-        if self._has_capture(ids, step):
-            return
+        marker = _capture_marker(seq, step)
+        _, _, undo = _collections()
+        if not self._fresh:
+            # Resuming: a complete capture holds the state before the
+            # interrupted write, which must not be captured again. An
+            # incomplete one was never followed by a write: redo it
+            if marker in (self.record.get("captured") or []):
+                return
+            undo.delete_many({"op_id": self.id, "step": step, "seq": seq})
 
         tail = [
             {"$project": {"_id": 0}},
@@ -294,7 +342,15 @@ class Operation(object):
                     "output": {"entries": {"$push": "$$ROOT"}},
                 }
             },
-            {"$project": {"_id": 0, "op_id": self.id, "step": {"$literal": step}, "entries": 1}},
+            {
+                "$project": {
+                    "_id": 0,
+                    "op_id": self.id,
+                    "step": {"$literal": step},
+                    "seq": {"$literal": seq},
+                    "entries": 1,
+                }
+            },
             {"$merge": {"into": db.UNDO_COLLECTION, "whenMatched": "fail"}},
         ]
         coll = db.sample_coll(self.dataset)
@@ -302,14 +358,17 @@ class Operation(object):
         # aggregate() takes a hint as a document, not as (key, order) pairs
         list(coll.aggregate(pipeline + tail, allowDiskUse=True,
                             **({"hint": dict(hint)} if hint else {})))
+        ops, _, _ = _collections()
+        ops.update_one({"_id": self.id}, {"$addToSet": {"captured": marker}})
 
-    def capture_labels(self, ids, field, names, step):
+    def capture_labels(self, ids, field, names, step, seq):
         """Captures, for a ``restore_labels`` step, the labels named
         ``names`` in a Classifications field of the samples ``ids``."""
         path = "%s.classifications" % field
         self.capture(
+            ids,
             [
-                {"$match": {"_id": {"$in": ids}, path + ".label": {"$in": names}}},
+                {"$match": ids.query({path + ".label": {"$in": names}})},
                 {
                     "$project": {
                         "sample_id": "$_id",
@@ -325,16 +384,7 @@ class Operation(object):
                 },
             ],
             step,
-        )
-
-    def _has_capture(self, ids, step):
-        _, _, undo = _collections()
-        return (
-            undo.find_one(
-                {"op_id": self.id, "step": step, "entries.sample_id": {"$in": ids}},
-                {"_id": 1},
-            )
-            is not None
+            seq,
         )
 
     def finish(self, **extra):
@@ -363,6 +413,10 @@ class Operation(object):
             "conflicts": r.get("conflicts"),
             "error": r.get("error"),
         }
+
+
+def _capture_marker(seq, step):
+    return "%d:%d" % (seq, step)
 
 
 def _iso(value):
@@ -527,16 +581,27 @@ def iter_undo(dataset, operation_id=None, dry_run=False, user=None):
     )
     journal._update(stage="writing")
 
-    if op.record["stage"] != "targeting":
-        done = 0
-        for seq, ids in op.iter_target_batches():
-            stats["matched"] += len(ids)
-            changed = set()
-            for index, step in enumerate(op.inverse):
-                undo_step = _UNDO_STEPS[step["kind"]]
-                changed |= undo_step(dataset, op, index, step, ids, stats)
+    def undo_batch(seq, ids):
+        # The steps of one chunk run in order; chunks run in parallel
+        batch_stats = {"conflicts": []}
+        changed = set()
+        for index, step in enumerate(op.inverse):
+            undo_step = _UNDO_STEPS[step["kind"]]
+            changed |= undo_step(dataset, op, index, step, seq, ids, batch_stats)
+        return len(changed), batch_stats["conflicts"]
 
-            stats["changed"] += len(changed)
+    if op.record["stage"] != "targeting":
+        # Deleting samples goes through FiftyOne's own delete_samples(),
+        # which is not meant to run in several threads at once
+        kinds = {step["kind"] for step in op.inverse}
+        workers = 1 if "delete_samples" in kinds else None
+        done = 0
+        for (seq, ids), (changed, conflicts) in db.map_batches(
+            op.iter_target_batches(), undo_batch, workers=workers
+        ):
+            stats["matched"] += len(ids)
+            stats["changed"] += changed
+            stats["conflicts"] += conflicts
             done += len(ids)
             yield Progress(done, total, "Undoing %s" % op.type)
 
@@ -561,20 +626,23 @@ def iter_undo(dataset, operation_id=None, dry_run=False, user=None):
     }
 
 
-def _iter_captures(op, step_index, ids):
-    """Yields the per-sample captures of a step for the samples ``ids``."""
+def _iter_capture_chunks(op, step_index, seq):
+    """Yields the lists of per-sample captures (about
+    :data:`CAPTURE_CHUNK_SIZE` each) of a step for the target chunk ``seq``."""
     _, _, undo = _collections()
-    wanted = set(ids)
-    chunks = undo.find(
-        {"op_id": op.id, "step": step_index, "entries.sample_id": {"$in": ids}}
-    )
-    for chunk in chunks:
-        for entry in chunk["entries"]:
-            if entry["sample_id"] in wanted:
-                yield entry
+    for chunk in undo.find({"op_id": op.id, "step": step_index, "seq": seq}):
+        yield chunk["entries"]
 
 
-def _undo_pull_labels(dataset, op, index, step, ids, stats):
+def _current_docs(coll, sample_ids, projection):
+    """The current documents of samples, read in one query."""
+    return {
+        doc["_id"]: doc
+        for doc in coll.find({"_id": {"$in": list(sample_ids)}}, projection)
+    }
+
+
+def _undo_pull_labels(dataset, op, index, step, seq, ids, stats):
     """Removes the labels the operation created, identified by their
     derived ids."""
     field = step["field"]
@@ -592,9 +660,7 @@ def _undo_pull_labels(dataset, op, index, step, ids, stats):
         ]
     }
     coll = db.sample_coll(dataset)
-    changed = coll.distinct(
-        "_id", {"_id": {"$in": ids}, "$expr": has_created}
-    )
+    changed = coll.distinct("_id", ids.query({"$expr": has_created}))
     if changed:
         coll.update_many(
             {"_id": {"$in": changed}},
@@ -611,7 +677,7 @@ def _undo_pull_labels(dataset, op, index, step, ids, stats):
     return set(changed)
 
 
-def _undo_restore_labels(dataset, op, index, step, ids, stats):
+def _undo_restore_labels(dataset, op, index, step, seq, ids, stats):
     """Puts captured labels back, with their ids.
 
     A captured label still present with the value the operation wrote
@@ -624,78 +690,88 @@ def _undo_restore_labels(dataset, op, index, step, ids, stats):
     path = "%s.classifications" % field
     coll = db.sample_coll(dataset)
 
-    ops = []
     changed = set()
-    for capture in _iter_captures(op, index, ids):
-        sample_id = capture["sample_id"]
-        labels = capture["labels"]
-        doc = coll.find_one({"_id": sample_id}, {path: 1}) or {}
-        current = (doc.get(field) or {}).get("classifications") or []
-        by_id = {c.get("_id"): c for c in current}
-        names = {c.get("label") for c in current}
-
-        to_reset = []
-        to_add = []
-        for label in labels:
-            now = by_id.get(label["_id"])
-            if now is not None:
-                if now == label:
-                    continue
-                if written is not None and now.get("label") == written:
-                    to_reset.append(label)
-                else:
-                    stats["conflicts"].append(
-                        _conflict(sample_id, field, label, "label was changed")
-                    )
-            elif label["label"] in names:
-                stats["conflicts"].append(
-                    _conflict(sample_id, field, label, "concept was re-added")
-                )
-            else:
-                to_add.append(label)
-
-        if not to_reset and not to_add:
-            continue
-
-        # The conditions are re-checked server-side, so an edit that lands
-        # between the read above and this write is never clobbered
-        current_expr = {"$ifNull": ["$" + path, []]}
-        current_ids = {"$map": {"input": current_expr, "in": "$$this._id"}}
-        current_names = {"$map": {"input": current_expr, "in": "$$this.label"}}
-        if to_reset:
-            current_expr = {
-                "$map": {
-                    "input": current_expr,
-                    "in": _switch_by_id(to_reset, written),
-                }
-            }
-
-        addable = {
-            "$filter": {
-                "input": {"$literal": to_add},
-                "cond": {
-                    "$and": [
-                        {"$not": [{"$in": ["$$this._id", current_ids]}]},
-                        {"$not": [{"$in": ["$$this.label", current_names]}]},
-                    ]
-                },
-            }
-        }
-        new_field = db.classifications_expr(
-            field, {"$concatArrays": [current_expr, addable]}
-        )
-        ops.append(
-            pymongo.UpdateOne(
-                {"_id": sample_id},
-                [{"$set": {field: new_field, "last_modified_at": "$$NOW"}}],
+    for captures in _iter_capture_chunks(op, index, seq):
+        docs = _current_docs(coll, [c["sample_id"] for c in captures], {path: 1})
+        ops = []
+        for capture in captures:
+            update = _restore_labels_update(
+                capture, docs.get(capture["sample_id"], {}), field, written,
+                stats,
             )
-        )
-        changed.add(sample_id)
+            if update is not None:
+                ops.append(update)
+                changed.add(capture["sample_id"])
 
-    if ops:
-        coll.bulk_write(ops, ordered=False)
+        if ops:
+            coll.bulk_write(ops, ordered=False)
 
     return changed
+
+
+def _restore_labels_update(capture, doc, field, written, stats):
+    """The update that puts one sample's captured labels back, given its
+    current document, or None if there is nothing to restore."""
+    path = "%s.classifications" % field
+    sample_id = capture["sample_id"]
+    current = (doc.get(field) or {}).get("classifications") or []
+    by_id = {c.get("_id"): c for c in current}
+    names = {c.get("label") for c in current}
+
+    to_reset = []
+    to_add = []
+    for label in capture["labels"]:
+        now = by_id.get(label["_id"])
+        if now is not None:
+            if now == label:
+                continue
+            if written is not None and now.get("label") == written:
+                to_reset.append(label)
+            else:
+                stats["conflicts"].append(
+                    _conflict(sample_id, field, label, "label was changed")
+                )
+        elif label["label"] in names:
+            stats["conflicts"].append(
+                _conflict(sample_id, field, label, "concept was re-added")
+            )
+        else:
+            to_add.append(label)
+
+    if not to_reset and not to_add:
+        return None
+
+    # The conditions are re-checked server-side, so an edit that lands
+    # between the read above and this write is never clobbered
+    current_expr = {"$ifNull": ["$" + path, []]}
+    current_ids = {"$map": {"input": current_expr, "in": "$$this._id"}}
+    current_names = {"$map": {"input": current_expr, "in": "$$this.label"}}
+    if to_reset:
+        current_expr = {
+            "$map": {
+                "input": current_expr,
+                "in": _switch_by_id(to_reset, written),
+            }
+        }
+
+    addable = {
+        "$filter": {
+            "input": {"$literal": to_add},
+            "cond": {
+                "$and": [
+                    {"$not": [{"$in": ["$$this._id", current_ids]}]},
+                    {"$not": [{"$in": ["$$this.label", current_names]}]},
+                ]
+            },
+        }
+    }
+    new_field = db.classifications_expr(
+        field, {"$concatArrays": [current_expr, addable]}
+    )
+    return pymongo.UpdateOne(
+        {"_id": sample_id},
+        [{"$set": {field: new_field, "last_modified_at": "$$NOW"}}],
+    )
 
 
 def _switch_by_id(labels, written):
@@ -725,7 +801,7 @@ def _conflict(sample_id, field, label, reason):
     }
 
 
-def _undo_restore_values(dataset, op, index, step, ids, stats):
+def _undo_restore_values(dataset, op, index, step, seq, ids, stats):
     """Restores captured values where the sample still holds exactly what
     the operation wrote.
 
@@ -742,62 +818,69 @@ def _undo_restore_values(dataset, op, index, step, ids, stats):
     def path(key):
         return field if key == "" else "%s.%s" % (field, key)
 
-    ops = []
     changed = set()
     captured = set()
-    for capture in _iter_captures(op, index, ids):
-        sample_id = capture["sample_id"]
-        captured.add(sample_id)
-        prior = capture.get("prior", {})
-        after = capture.get("after", {})
-        conds = {}
-        for key in keys:
-            if _same(prior.get(key, _MISSING), after.get(key, _MISSING)):
+    for captures in _iter_capture_chunks(op, index, seq):
+        # What each sample would need restored, if it still holds it
+        wanted = []
+        for capture in captures:
+            captured.add(capture["sample_id"])
+            prior = capture.get("prior", {})
+            after = capture.get("after", {})
+            keys_written = [
+                key for key in keys
+                if not _same(prior.get(key, _MISSING), after.get(key, _MISSING))
+            ]
+            if keys_written:
+                wanted.append((capture["sample_id"], prior, after, keys_written))
+
+        if not wanted:
+            continue
+
+        docs = _current_docs(coll, [w[0] for w in wanted], {field: 1})
+        ops = []
+        for sample_id, prior, after, keys_written in wanted:
+            doc = docs.get(sample_id, {})
+            restorable = {}
+            for key in keys_written:
+                if _same(_get_path(doc, path(key)), after.get(key, _MISSING)):
+                    restorable[key] = _holds_expr(path(key), after.get(key, _MISSING))
+                else:
+                    stats["conflicts"].append(
+                        {
+                            "sample_id": str(sample_id),
+                            "field": path(key),
+                            "reason": "value was changed after the operation",
+                        }
+                    )
+
+            if not restorable:
                 continue
-            conds[key] = _holds_expr(path(key), after.get(key, _MISSING))
 
-        if not conds:
-            continue
-
-        doc = coll.find_one({"_id": sample_id}, {field: 1}) or {}
-        restorable = {}
-        for key, cond in conds.items():
-            if _same(_get_path(doc, path(key)), after.get(key, _MISSING)):
-                restorable[key] = cond
-            else:
-                stats["conflicts"].append(
-                    {
-                        "sample_id": str(sample_id),
-                        "field": path(key),
-                        "reason": "value was changed after the operation",
-                    }
-                )
-
-        if not restorable:
-            continue
-
-        sets = {
-            path(key): {
-                "$cond": [cond, _value_expr(prior.get(key, _MISSING)), "$" + path(key)]
+            # The conditions are re-checked server-side, so an edit that
+            # lands between the read above and this write is never clobbered
+            sets = {
+                path(key): {
+                    "$cond": [cond, _value_expr(prior.get(key, _MISSING)), "$" + path(key)]
+                }
+                for key, cond in restorable.items()
             }
-            for key, cond in restorable.items()
-        }
-        any_cond = {"$or": list(restorable.values())}
-        ops.append(
-            pymongo.UpdateOne(
-                {"_id": sample_id, "$expr": any_cond},
-                [{"$set": dict(sets, last_modified_at="$$NOW")}],
+            any_cond = {"$or": list(restorable.values())}
+            ops.append(
+                pymongo.UpdateOne(
+                    {"_id": sample_id, "$expr": any_cond},
+                    [{"$set": dict(sets, last_modified_at="$$NOW")}],
+                )
             )
-        )
-        changed.add(sample_id)
+            changed.add(sample_id)
 
-    if ops:
-        coll.bulk_write(ops, ordered=False)
+        if ops:
+            coll.bulk_write(ops, ordered=False)
 
     # Samples that held nothing before: remove what the operation wrote
     after_if_missing = step.get("after_if_missing")
     if after_if_missing is not None:
-        uncaptured = [i for i in ids if i not in captured]
+        uncaptured = [i for i in ids.ids if i not in captured]
         conds = {
             key: _holds_expr(path(key), after_if_missing[key])
             for key in keys
@@ -881,15 +964,15 @@ def _get_path(doc, path):
     return value
 
 
-def _undo_delete_samples(dataset, op, index, step, ids, stats):
+def _undo_delete_samples(dataset, op, index, step, seq, ids, stats):
     """Deletes the samples the operation added, unless they were modified
     after it."""
     ended_at = op.record.get("ended_at") or _now()
     coll = db.sample_coll(dataset)
     untouched = coll.distinct(
-        "_id", {"_id": {"$in": ids}, "last_modified_at": {"$lte": ended_at}}
+        "_id", ids.query({"last_modified_at": {"$lte": ended_at}})
     )
-    for sample_id in set(ids) - set(untouched):
+    for sample_id in set(ids.ids) - set(untouched):
         if coll.find_one({"_id": sample_id}, {"_id": 1}) is not None:
             stats["conflicts"].append(
                 {

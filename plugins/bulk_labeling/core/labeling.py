@@ -11,7 +11,6 @@ from . import concepts as conc
 from . import database as db
 from . import history
 from .errors import BulkLabelingError
-from .progress import Progress
 
 OPERATION_TYPE = "label_as"
 
@@ -68,7 +67,7 @@ def iter_label(sample_collection, add=None, remove=None,
     if dry_run:
         coll = db.sample_coll(dataset)
         changed = 0
-        for ids in db.iter_id_batches(sample_collection):
+        for ids in db.iter_id_batches(sample_collection, matched):
             changed += coll.count_documents(_changed_query(params, ids))
 
         return {"operation_id": None, "matched": matched, "changed": changed,
@@ -94,7 +93,7 @@ def iter_label(sample_collection, add=None, remove=None,
         OPERATION_TYPE,
         params,
         inverse,
-        db.iter_id_batches(sample_collection),
+        db.iter_id_batches(sample_collection, matched),
         _write,
         target=target or {"kind": "view", "size": matched},
         user=user,
@@ -154,7 +153,7 @@ def _changed_query(params, ids):
         other = params["other_field"] + ".classifications.label"
         conditions.append({other: {"$in": params["add"]}})
 
-    return {"_id": {"$in": ids}, "$or": conditions}
+    return ids.query({"$or": conditions})
 
 
 def _new_label_expr(name, prefix):
@@ -226,20 +225,19 @@ def _write(dataset, op):
     prefixes = op.inverse[0]["prefixes"]
     pipeline = _update_pipeline(params, prefixes)
     coll = db.sample_coll(dataset)
-    total = op.record["target"]["count"]
-    done = op.record["batches_done"] * db.ID_BATCH_SIZE
-    for seq, ids in op.iter_pending_batches():
+
+    def write_batch(seq, ids):
         # Capture what the write will destroy, before writing
         if params["remove"]:
-            op.capture_labels(ids, params["target_field"], params["remove"], 1)
+            op.capture_labels(ids, params["target_field"], params["remove"], 1, seq)
 
         if params["other_field"]:
-            op.capture_labels(ids, params["other_field"], params["add"], 2)
+            op.capture_labels(ids, params["other_field"], params["add"], 2, seq)
 
         res = coll.update_many(_changed_query(params, ids), pipeline)
-        op.batch_done(seq, len(ids), res.modified_count)
-        done += len(ids)
-        yield Progress(done, total, "Labeling")
+        return len(ids), res.modified_count
+
+    yield from op.run_batches(write_batch, "Labeling")
 
 
 history.register_writer(OPERATION_TYPE, _write)

@@ -956,44 +956,6 @@ def _changes(new_value, field):
     return {"$ne": [new_value, "$" + field]}
 
 
-def _iter_id_batches(sample_collection, count=None):
-    """Streams the sample ids of a collection in batches of at most
-    ``database.ID_BATCH_SIZE``, like :func:`database.iter_id_batches`, but
-    has the server pack each batch into one array: decoding one array of
-    100k ids costs a fraction of decoding 100k one-field documents.
-    """
-    batch_size = db.ID_BATCH_SIZE
-    coll = db.sample_coll(sample_collection)
-    if db.is_full_dataset(sample_collection):
-        pipeline = []
-    else:
-        pipeline = sample_collection._pipeline()
-
-    if count is None:
-        count = sample_collection.count()
-
-    pipeline = pipeline + [{"$project": {"_id": 1}}]
-    if count <= batch_size:
-        pipeline.append({"$group": {"_id": None, "ids": {"$push": "$_id"}}})
-    else:
-        # Equal-count ranges of ids, split further below if one overflows
-        pipeline.append(
-            {
-                "$bucketAuto": {
-                    "groupBy": "$_id",
-                    "buckets": -(-count // batch_size),
-                    "output": {"ids": {"$push": "$_id"}},
-                }
-            }
-        )
-
-    cursor = coll.aggregate(pipeline, allowDiskUse=True, batchSize=1)
-    for doc in cursor:
-        ids = doc["ids"]
-        for start in range(0, len(ids), batch_size):
-            yield ids[start:start + batch_size]
-
-
 def _hint(coll, ids):
     return db.scan_hint(coll, ids)
 
@@ -1086,7 +1048,7 @@ def _capture_keys(ids, field, keys, new_value, match):
     """Captures ``prior`` and ``after`` values of top-level keys."""
     path = "$" + field
     return [
-        {"$match": dict({"_id": {"$in": ids}}, **match)},
+        {"$match": ids.query(match)},
         {
             "$project": {
                 "_id": 0,
@@ -1126,7 +1088,7 @@ def _capture_merged_keys(ids, field, payload):
         match = {"$expr": _holds_a_key(field, keys)}
 
     return [
-        {"$match": dict({"_id": {"$in": ids}}, **match)},
+        {"$match": ids.query(match)},
         {"$project": {"_id": 0, "sample_id": "$_id", "prior": prior, "after": after}},
     ]
 
@@ -1134,7 +1096,7 @@ def _capture_merged_keys(ids, field, payload):
 def _capture_whole(ids, field, after, match):
     """Captures ``prior`` and ``after`` values of the whole field."""
     return [
-        {"$match": dict({"_id": {"$in": ids}}, **match)},
+        {"$match": ids.query(match)},
         {
             "$project": {
                 "_id": 0,
@@ -1153,13 +1115,13 @@ def _probe_merge(coll, field, payload, plan, ids, hint):
     none = {"holders": 0, "not_object": 0, "unsafe": 0}
     # Samples that have no document at all need neither (a cheap check)
     if coll.find_one(
-        {"_id": {"$in": ids}, field: {"$exists": True}}, {"_id": 1}, **kwargs
+        ids.query({field: {"$exists": True}}), {"_id": 1}, **kwargs
     ) is None:
         return none
 
     unsafe = plan["unsafe_expr"] if plan is not None else False
     pipeline = [
-        {"$match": {"_id": {"$in": ids}}},
+        {"$match": ids.query()},
         {
             "$group": {
                 "_id": None,
@@ -1179,9 +1141,9 @@ def _iter_current_documents(sample_collection, field):
     reading only the field (and the filepath, for messages) from the raw
     sample collection."""
     coll = db.sample_coll(sample_collection)
-    for ids in _iter_id_batches(sample_collection):
+    for ids in db.iter_id_batches(sample_collection):
         cursor = coll.find(
-            {"_id": {"$in": ids}}, {field: 1, "filepath": 1},
+            ids.query(), {field: 1, "filepath": 1},
             batch_size=10000,
         )
         for doc in cursor:
@@ -1242,10 +1204,10 @@ def iter_edit_metadata(sample_collection, metadata, mode="merge",
     if dry_run:
         coll = db.sample_coll(dataset)
         changed = 0
-        for ids in _iter_id_batches(sample_collection, matched):
+        for ids in db.iter_id_batches(sample_collection, matched):
             hint = _hint(coll, ids)
             changed += coll.count_documents(
-                {"_id": {"$in": ids}, "$expr": _changes(new_value, field)},
+                ids.query({"$expr": _changes(new_value, field)}),
                 **({"hint": hint} if hint else {})
             )
 
@@ -1262,7 +1224,7 @@ def iter_edit_metadata(sample_collection, metadata, mode="merge",
         OPERATION_TYPE,
         params,
         _inverse(mode, field, payload),
-        _iter_id_batches(sample_collection, matched),
+        db.iter_id_batches(sample_collection, matched),
         _write_edit,
         target=target or {"kind": "view", "size": matched},
         user=user,
@@ -1331,62 +1293,65 @@ def _write_edit(dataset, op):
     now = {"$currentDate": {"last_modified_at": True}}
     plan = _merge_plan(field, payload) if mode == "merge" else None
     coll = db.sample_coll(dataset)
-    total = op.record["target"]["count"]
-    done = op.record["batches_done"] * db.ID_BATCH_SIZE
-    for seq, ids in op.iter_pending_batches():
+
+    def write_batch(seq, ids):
         hint = _hint(coll, ids)
-        in_batch = {"_id": {"$in": ids}}
         passes = []
         # Capture what the write will destroy, before writing
         if mode == "merge":
             probe = _probe_merge(coll, field, payload, plan, ids, hint)
             if probe["holders"]:
-                op.capture(_capture_merged_keys(ids, field, payload), 0)
+                op.capture(ids, _capture_merged_keys(ids, field, payload), 0, seq)
             if probe["not_object"]:
                 op.capture(
+                    ids,
                     _capture_whole(ids, field, {"$literal": {}},
                                    {"$expr": _not_an_object(field)}),
                     1,
+                    seq,
                 )
             if plan is None:
-                passes.append((dict(in_batch, **{"$expr": changes}), pipeline_update))
+                passes.append((ids.query({"$expr": changes}), pipeline_update))
             else:
                 # Samples whose objects on the way are not all objects get
                 # the pipeline; the others the (much faster) $set of paths
                 if probe["unsafe"]:
                     passes.append((
-                        dict(in_batch, **{"$nor": [plan["safe"]], "$expr": changes}),
+                        ids.query({"$nor": [plan["safe"]], "$expr": changes}),
                         pipeline_update,
                     ))
                 passes.append((
-                    dict(in_batch, **{"$and": [plan["safe"], plan["changed"]]}),
+                    ids.query({"$and": [plan["safe"], plan["changed"]]}),
                     dict({"$set": plan["set"]}, **now),
                 ))
         elif mode == "overwrite":
             op.capture(
+                ids,
                 _capture_whole(ids, field, new_value, {field: {"$exists": True}}),
                 0,
+                seq,
             )
             passes.append((
-                dict(in_batch, **{"$or": [{field: {"$ne": payload}},
-                                          {field: {"$type": "array"}}]}),
+                ids.query({"$or": [{field: {"$ne": payload}},
+                                   {field: {"$type": "array"}}]}),
                 dict({"$set": {field: payload}}, **now),
             ))
         else:
             op.capture(
+                ids,
                 _capture_keys(ids, field, _top_keys(payload), new_value,
                               {"$expr": changes}),
                 0,
+                seq,
             )
-            passes.append((dict(in_batch, **{"$expr": changes}), pipeline_update))
+            passes.append((ids.query({"$expr": changes}), pipeline_update))
 
         changed = 0
         for query, update in passes:
             changed += coll.update_many(query, update, hint=hint).modified_count
+        return len(ids), changed
 
-        op.batch_done(seq, len(ids), changed)
-        done += len(ids)
-        yield Progress(min(done, total), total, "Editing metadata")
+    yield from op.run_batches(write_batch, "Editing metadata")
 
 
 def preview_edit(sample_collection, metadata, mode="merge",
@@ -1412,12 +1377,12 @@ def preview_edit(sample_collection, metadata, mode="merge",
     matched = 0
     changed = 0
     first = None
-    for ids in _iter_id_batches(sample_collection):
+    for ids in db.iter_id_batches(sample_collection):
         if first is None:
-            first = ids[0]
+            first = ids.ids[0]
         matched += len(ids)
         changed += coll.count_documents(
-            {"_id": {"$in": ids}, "$expr": _changes(new_value, field)}
+            ids.query({"$expr": _changes(new_value, field)})
         )
 
     result = {
@@ -1556,8 +1521,8 @@ def iter_set_geolocation(sample_collection, latitude=None, longitude=None,
         coll = db.sample_coll(dataset)
         changes = _geo_changes(params)
         changed = 0
-        for ids in _iter_id_batches(sample_collection, matched):
-            changed += coll.count_documents({"_id": {"$in": ids}, "$expr": changes})
+        for ids in db.iter_id_batches(sample_collection, matched):
+            changed += coll.count_documents(ids.query({"$expr": changes}))
 
         return {"operation_id": None, "matched": matched, "changed": changed,
                 "dry_run": True}
@@ -1579,7 +1544,7 @@ def iter_set_geolocation(sample_collection, latitude=None, longitude=None,
         GEO_OPERATION_TYPE,
         params,
         inverse,
-        _iter_id_batches(sample_collection, matched),
+        db.iter_id_batches(sample_collection, matched),
         _write_geo,
         target=target or {"kind": "view", "size": matched},
         user=user,
@@ -1643,12 +1608,12 @@ def _write_geo(dataset, op):
         update = [{"$set": {field: new_value, "last_modified_at": "$$NOW"}}]
 
     coll = db.sample_coll(dataset)
-    total = op.record["target"]["count"]
-    done = op.record["batches_done"] * db.ID_BATCH_SIZE
-    for seq, ids in op.iter_pending_batches():
+
+    def write_batch(seq, ids):
         op.capture(
+            ids,
             [
-                {"$match": {"_id": {"$in": ids}, "$expr": changes}},
+                {"$match": ids.query({"$expr": changes})},
                 {
                     "$project": {
                         "_id": 0,
@@ -1659,14 +1624,15 @@ def _write_geo(dataset, op):
                 },
             ],
             0,
+            seq,
         )
         res = coll.update_many(
-            {"_id": {"$in": ids}, "$expr": changes}, update,
+            ids.query({"$expr": changes}), update,
             hint=_hint(coll, ids),
         )
-        op.batch_done(seq, len(ids), res.modified_count)
-        done += len(ids)
-        yield Progress(min(done, total), total, "Setting locations")
+        return len(ids), res.modified_count
+
+    yield from op.run_batches(write_batch, "Setting locations")
 
 
 history.register_writer(OPERATION_TYPE, _write_edit)

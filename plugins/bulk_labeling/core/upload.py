@@ -233,7 +233,8 @@ def iter_upload(dataset, paths=None, files=None, concepts=None,
         done = num_sources
         scale = num_sources / len(valid)
         offset = 0
-        for seq, batch_ids in op.iter_pending_batches():
+        for seq, batch in op.iter_pending_batches():
+            batch_ids = batch.ids
             inserted = 0
             for start in range(0, len(batch_ids), INSERT_BATCH_SIZE):
                 chunk = batch_ids[start:start + INSERT_BATCH_SIZE]
@@ -377,7 +378,7 @@ def uploaded_sample_ids(dataset, operation_id):
             "Operation %s is a %s, not an upload" % (operation_id, op.type)
         )
 
-    return [str(i) for _, ids in op.iter_target_batches() for i in ids]
+    return [str(i) for _, ids in op.iter_target_batches() for i in ids.ids]
 
 
 def uploaded_view(dataset, operation_id):
