@@ -316,6 +316,53 @@ def test_unloadable_models_are_clear_errors(dataset, tmp_path, tiny_model):
     assert dataset.list_brain_runs() == []
 
 
+def test_fp32_and_bf16_indexes_agree_and_rank_alike(indexed, tiny_model):
+    """The bf16 image tower (the CPU default where the CPU computes bf16)
+    gives the fp32 embeddings to within 1e-3 cosine, and the same ranking
+    quality."""
+    from bulk_labeling.core import models
+
+    ds, _ = indexed
+    for precision in ("fp32", "bf16"):
+        result = run_operator("build_similarity_index", dataset=ds, params=_build_params(
+            tiny_model, brain_key="clip_%s" % precision, precision=precision))
+        assert result["indexed"] == len(ds)
+
+    ids = ds.values("id")
+    fp32, _ = sim.get_query_index(ds, "clip_fp32").vectors_of(ids)
+    bf16, _ = sim.get_query_index(ds, "clip_bf16").vectors_of(ids)
+    assert float((fp32 * bf16).sum(axis=1).min()) > 0.999
+
+    # Text queries (embedded in fp32 by the brain's zoo model) rank the same
+    for colour, shape in ttc.CLASSES[:6]:
+        text = "a %s %s" % (colour, shape)
+        tops = [sim.search(ds, text=text, k=PER_CLASS, brain_key=key)["ids"]
+                for key in ("clip_fp32", "clip_bf16")]
+        assert len(set(tops[0]) & set(tops[1])) >= PER_CLASS - 1, text
+
+    expected = "bf16" if models.cpu_has_bf16() else "fp32"
+    assert models.resolve_precision("auto", "cpu") == expected
+    for key in ("clip_fp32", "clip_bf16"):
+        ds.delete_brain_run(key)
+
+
+def test_unknown_or_unsupported_precision_is_a_clear_error(dataset, tiny_model):
+    dataset.add_sample(fo.Sample(filepath="/data/x.jpg"))
+    # The form's choices are enforced by FiftyOne, the API's by the core
+    with pytest.raises(Exception, match="Path: precision"):
+        run_operator("build_similarity_index", dataset=dataset,
+                     params=_build_params(tiny_model, precision="fp8"))
+    with pytest.raises(BulkLabelingError, match="precision must be one of"):
+        sim.build_similarity_index(
+            dataset, model="bl-tiny-clip", pretrained=tiny_model[0],
+            model_config=tiny_model[1], precision="fp8")
+    with pytest.raises(BulkLabelingError, match="needs a CUDA device"):
+        sim.build_similarity_index(
+            dataset, model="bl-tiny-clip", pretrained=tiny_model[0],
+            model_config=tiny_model[1], device="cpu", precision="fp16")
+    assert dataset.list_brain_runs() == []
+
+
 # ------------------------------------------------------------ stale / sync
 
 

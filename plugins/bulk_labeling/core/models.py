@@ -412,6 +412,49 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+#: Numeric precisions of the image tower. ``"auto"``: fp16 on CUDA; on CPU,
+#: bf16 where the CPU computes it natively (AVX512-BF16 or AMX: about 2x
+#: fp32, embeddings within 1e-4 cosine of fp32), else fp32
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 natively (oneDNN's own check)."""
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def resolve_precision(precision, device):
+    """The precision (``"fp32"``, ``"bf16"`` or ``"fp16"``) that
+    ``precision`` means on ``device``, or a clear error."""
+    precision = (precision or "auto").strip().lower()
+    if precision not in PRECISIONS:
+        raise BulkLabelingError(
+            "precision must be one of %s, not %r"
+            % (", ".join(PRECISIONS), precision)
+        )
+
+    on_cuda = getattr(device, "type", device) == "cuda"
+    if precision == "auto":
+        if on_cuda:
+            return "fp16"
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "fp16" and not on_cuda:
+        raise BulkLabelingError(
+            "precision='fp16' needs a CUDA device; on CPU use 'bf16' (fast "
+            "where the CPU supports it) or 'fp32'"
+        )
+    return precision
+
+
+_BF16_TOWERS = {}
+
+
 _ZOO_MODELS = {}
 _zoo_lock = threading.Lock()
 
@@ -461,6 +504,23 @@ def _short(e, limit=400):
 def clear_model_cache():
     with _zoo_lock:
         _ZOO_MODELS.clear()
+        _BF16_TOWERS.clear()
+
+
+def _bf16_image_tower(zoo_model):
+    """A bf16 copy of a zoo model's image tower, made once per model. The
+    zoo model itself stays fp32: FiftyOne embeds text prompts with it."""
+    import copy
+
+    import torch
+
+    with _zoo_lock:
+        tower = _BF16_TOWERS.get(id(zoo_model))
+        if tower is None:
+            tower = copy.deepcopy(zoo_model._model.visual).to(torch.bfloat16)
+            tower.eval()
+            _BF16_TOWERS[id(zoo_model)] = tower
+        return tower
 
 
 class Embedder(object):
@@ -469,29 +529,43 @@ class Embedder(object):
 
     Images are read, decoded and preprocessed (open_clip's own transform) in
     DataLoader workers while the model runs batches under
-    ``torch.inference_mode`` (fp16 autocast on CUDA). Embeddings are L2
-    normalised float32.
+    ``torch.inference_mode``, in the precision of :func:`resolve_precision`
+    (fp16 autocast on CUDA, a bf16 copy of the image tower on CPUs that
+    compute bf16 natively). Embeddings are L2 normalised float32.
+
+    Args:
+        zoo_model: a :class:`fiftyone.utils.open_clip.TorchOpenClipModel`
+        precision ("auto"): one of :data:`PRECISIONS`
     """
 
-    def __init__(self, zoo_model):
+    def __init__(self, zoo_model, precision="auto"):
         self.zoo_model = zoo_model
         self.net = zoo_model._model
         self.preprocess = zoo_model._clip_preprocess
         self.device = zoo_model.device
+        self.precision = resolve_precision(precision, self.device)
+        self._bf16_tower = None
+        if self.precision == "bf16" and self.device.type != "cuda":
+            # On CPU, autocast casts every op (slower than fp32, measured);
+            # bf16 weights run at about 2x fp32
+            self._bf16_tower = _bf16_image_tower(zoo_model)
 
     @classmethod
-    def load(cls, zoo_kwargs, device=None):
-        return cls(load_zoo_model(zoo_kwargs, device=device))
+    def load(cls, zoo_kwargs, device=None, precision="auto"):
+        return cls(load_zoo_model(zoo_kwargs, device=device), precision)
 
     def _encode(self, batch):
         import torch
 
         batch = batch.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                out = self.net.encode_image(batch)
-        else:
+        if self._bf16_tower is not None:
+            out = self._bf16_tower(batch.to(torch.bfloat16))
+        elif self.precision == "fp32":
             out = self.net.encode_image(batch)
+        else:
+            dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+            with torch.autocast(self.device.type, dtype=dtype):
+                out = self.net.encode_image(batch)
         return torch.nn.functional.normalize(out.float(), dim=-1).cpu().numpy()
 
     def embed_tensors(self, batch):

@@ -141,6 +141,7 @@ def iter_build_sharded(dataset, args, batch_size=None, num_workers=None,
         "batch_size": batch_size,
         "num_workers": num_workers,
         "device": device,
+        "precision": args.precision,
         "num_shards": len(parts),
         "shards": [{"state": "queued", "size": len(p)} for p in parts],
         "done": 0,
@@ -300,7 +301,8 @@ def iter_run_shard(dataset, build_id, shard, operation_id=None):
         todo = _snapshot(dataset, staging, build_id, shard)
         spec = models.resolve(**build["model"])
         yield Progress(0, len(todo), "Loading model %s" % spec.describe())
-        embedder = sim.load_embedder(spec, sim._check_device(build["device"]))
+        embedder = sim.load_embedder(spec, sim._check_device(build["device"]),
+                                     precision=build.get("precision", "auto"))
         seqs = itertools.count()
         embedded = []
 

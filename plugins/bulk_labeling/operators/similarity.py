@@ -97,6 +97,13 @@ class BuildSimilarityIndex(foo.Operator):
             description="auto: CUDA when available, else CPU",
             view=types.DropdownView(),
         )
+        inputs.enum(
+            "precision", list(models.PRECISIONS), default="auto",
+            label="Precision",
+            description="auto: fp16 on CUDA; bf16 on CPUs that compute it "
+                        "natively (about 2x fp32); else fp32",
+            view=types.DropdownView(),
+        )
         inputs.bool(
             "overwrite", default=False, label="Rebuild from scratch",
             description="Delete the existing index of this brain key first",
@@ -116,7 +123,8 @@ class BuildSimilarityIndex(foo.Operator):
         if ctx.dataset is not None:
             count = ctx.dataset.count()
             inputs.view("size", types.Notice(
-                label="%d image(s). On CPU about 14 images/s (ViT-B-32): "
+                label="%d image(s). On CPU about 15 images/s in fp32, 30 in "
+                      "bf16 (ViT-B-32, 2 cores): "
                       "for more than a few thousand, run it delegated "
                       "(`fiftyone delegated launch`)" % count))
 
@@ -136,6 +144,7 @@ class BuildSimilarityIndex(foo.Operator):
             device=None if device == "auto" else device,
             overwrite=bool(ctx.params.get("overwrite", False)),
             num_shards=1 if num_shards is None else num_shards,
+            precision=ctx.params.get("precision") or "auto",
         )
 
     def execute(self, ctx):
