@@ -58,7 +58,8 @@ def peak_rss_mb():
 
 def format_table(title, rows, columns):
     """rows: (ours label, ours seconds, baseline label, baseline seconds,
-    required max ratio or None)."""
+    required max ratio or None[, ratio]); the ratio defaults to ours /
+    baseline (pass it when it is, e.g., a median of per-round ratios)."""
     lines = [
         "### %s" % title,
         "",
@@ -68,8 +69,11 @@ def format_table(title, rows, columns):
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
     ]
-    for ours, t_ours, base, t_base, required in rows:
-        ratio = t_ours / t_base if t_base else float("nan")
+    for ours, t_ours, base, t_base, required, *ratio in rows:
+        if ratio:
+            ratio = ratio[0]
+        else:
+            ratio = t_ours / t_base if t_base else float("nan")
         verdict = ""
         if required is not None:
             verdict = "≤ %.1f× %s" % (required, "✅" if ratio <= required else "❌")

@@ -3,7 +3,7 @@ the same labels, in one run, with the journal's overhead broken out.
 
 Usage::
 
-    .venv/bin/python scripts/bench_label.py [--samples 100000] [--record]
+    .venv/bin/python scripts/bench_label.py [--samples 100000] [--rounds 3] [--record]
 
 Ours and the unjournaled baseline run the same batches on the same writer
 threads (``bulk_labeling.core.database.write_workers()``, or
@@ -14,6 +14,7 @@ docs/BENCHMARKS.md. Runs in a database of its own, never the user's.
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -131,10 +132,25 @@ def time_save_loop(count, sample_size=2000):
     return elapsed * count / sample_size
 
 
+def with_writers(workers, fn):
+    """``fn`` run with ``workers`` parallel writers."""
+    def run(*args):
+        previous = os.environ.get("BULK_LABELING_WRITE_WORKERS")
+        os.environ["BULK_LABELING_WRITE_WORKERS"] = str(workers)
+        try:
+            return fn(*args)
+        finally:
+            if previous is None:
+                del os.environ["BULK_LABELING_WRITE_WORKERS"]
+            else:
+                os.environ["BULK_LABELING_WRITE_WORKERS"] = previous
+    return run
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-slow", action="store_true",
                         help="skip set_values and the save() loop")
     parser.add_argument("--skip-one-writer", action="store_true",
@@ -142,42 +158,62 @@ def main():
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     n = args.samples
-
-    def best(fn, *a):
-        return min(fn(*a) for _ in range(args.repeats))
-
     workers = db.write_workers()
-    rows = []
-    tag = best(time_tag_samples, n)
-    ours = best(time_label_as, n)
-    raw = best(time_unjournaled_write, n)
-    ours_rm = best(time_label_as_remove, n)
-    raw_rm = best(time_unjournaled_write, n, True)
-    rows.append(("label_as add 2 concepts (journaled)", ours, "tag_samples", tag, 1.5))
-    rows.append(("label_as add 2 concepts (journaled)", ours, "same writes, no journal", raw, 1.2))
-    rows.append(("label_as remove (journaled, captures labels)", ours_rm, "same writes, no journal", raw_rm, 1.2))
+
+    variants = {
+        "tag": (time_tag_samples,),
+        "ours": (time_label_as,),
+        "raw": (time_unjournaled_write,),
+        "ours_rm": (time_label_as_remove,),
+        "raw_rm": (time_unjournaled_write, True),
+    }
     if workers > 1 and not args.skip_one_writer:
-        # The journal's overhead with one writer: nothing runs beside the
-        # writes to absorb it
-        os.environ["BULK_LABELING_WRITE_WORKERS"] = "1"
-        ours1 = best(time_label_as, n)
-        raw1 = best(time_unjournaled_write, n)
-        ours_rm1 = best(time_label_as_remove, n)
-        raw_rm1 = best(time_unjournaled_write, n, True)
-        del os.environ["BULK_LABELING_WRITE_WORKERS"]
-        rows.append(("label_as add 2 concepts (journaled), 1 writer", ours1,
-                     "same writes, no journal, 1 writer", raw1, 1.2))
-        rows.append(("label_as remove (journaled), 1 writer", ours_rm1,
-                     "same writes, no journal, 1 writer", raw_rm1, 1.2))
-        rows.append(("label_as add 2 concepts (journaled), %d writers" % workers,
-                     ours, "the same, 1 writer", ours1, None))
+        variants.update({
+            "ours1": (with_writers(1, time_label_as),),
+            "raw1": (with_writers(1, time_unjournaled_write),),
+            "ours_rm1": (with_writers(1, time_label_as_remove),),
+            "raw_rm1": (with_writers(1, time_unjournaled_write), True),
+        })
+
+    # Rounds in alternating order; each ratio is the median of the
+    # per-round ratios (a disturbed round spoils one pair, not the result)
+    times = {name: [] for name in variants}
+    for r in range(args.rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name in order:
+            fn, *extra = variants[name]
+            times[name].append(fn(n, *extra))
+        print("round %d: %s" % (r + 1, ", ".join(
+            "%s %.2f s" % (k, times[k][-1]) for k in variants)), flush=True)
+
+    def row(ours, ours_label, base, base_label, required):
+        ratio = statistics.median(a / b for a, b in zip(times[ours], times[base]))
+        return (ours_label, statistics.median(times[ours]), base_label,
+                statistics.median(times[base]), required, ratio)
+
+    rows = [
+        row("ours", "label_as add 2 concepts (journaled)", "tag", "tag_samples", 1.5),
+        row("ours", "label_as add 2 concepts (journaled)", "raw", "same writes, no journal", 1.2),
+        row("ours_rm", "label_as remove (journaled, captures labels)", "raw_rm", "same writes, no journal", 1.2),
+    ]
+    if "ours1" in times:
+        rows += [
+            row("ours1", "label_as add 2 concepts (journaled), 1 writer", "raw1",
+                "same writes, no journal, 1 writer", 1.2),
+            row("ours_rm1", "label_as remove (journaled), 1 writer", "raw_rm1",
+                "same writes, no journal, 1 writer", 1.2),
+            row("ours", "label_as add 2 concepts (journaled), %d writers" % workers,
+                "ours1", "the same, 1 writer", None),
+        ]
     if not args.skip_slow:
+        ours = statistics.median(times["ours"])
         rows.append(("label_as add 2 concepts (journaled)", ours, "set_values", time_set_values(n), None))
         rows.append(("label_as add 2 concepts (journaled)", ours, "per-sample save() (extrapolated from 2,000)", time_save_loop(n), None))
 
     table = _bench.format_table(
-        "Label as... on %s samples (%d writers unless noted; best of %d)"
-        % (format(n, ","), workers, args.repeats), rows,
+        "Label as... on %s samples (%d writers unless noted; medians of %d "
+        "rounds, ratios: median of per-round ratios)"
+        % (format(n, ","), workers, args.rounds), rows,
         columns=("ours", "ours (s)", "baseline", "baseline (s)", "ratio ours/baseline", "required"),
     )
     print(table)

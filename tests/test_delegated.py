@@ -53,6 +53,8 @@ def _start_worker(log_path):
     env = dict(os.environ)
     env["FIFTYONE_DATABASE_URI"] = _database_uri()
     env["PYTHONUNBUFFERED"] = "1"
+    # Two parallel writers on any machine, so batch sizes are known
+    env["BULK_LABELING_WRITE_WORKERS"] = "2"
     exe = pathlib.Path(sys.executable).with_name("fiftyone")
     cmd = ([str(exe)] if exe.exists() else
            [sys.executable, "-c", "from fiftyone.core.cli import main; main()"])
@@ -157,7 +159,9 @@ def persistent_dataset():
 
 def test_label_as_delegated_on_a_large_target(worker, persistent_dataset):
     dataset = persistent_dataset
-    total = 150_000  # two id batches, so progress has steps to report
+    # Three id batches: two run at once on the worker's two writers, then
+    # the third, so progress has a step to report in between
+    total = 250_000
     insert_bare_samples(dataset, total)
 
     op_id = _queue("label_as", dataset, {"concepts": ["cat", "pet"]})

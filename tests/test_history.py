@@ -245,23 +245,27 @@ from bulk_labeling.core import database as db
 db.ID_BATCH_SIZE = 5_000  # many small batches, so a kill lands mid-way
 ds = fo.load_dataset(sys.argv[1])
 print("start", flush=True)
-bl.label(ds, add=["crash"], progress=False)
+if sys.argv[2] == "add":
+    bl.label(ds, add=["crash"], progress=False)
+else:
+    bl.label(ds, remove=["crash"], progress=False)
 print("done", flush=True)
 """
 
 
-def _start_and_kill(dataset):
+def _start_and_kill(dataset, mode="add"):
     env = dict(os.environ)
     client = db.get_db().client
     host, port = client.address
     env["FIFTYONE_DATABASE_URI"] = "mongodb://%s:%d" % (host, port)
     env["REPO_PLUGINS"] = str(REPO / "plugins")
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, dataset.name],
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, dataset.name, mode],
                             env=env, stdout=subprocess.PIPE)
     ops = db.get_db()[db.OPERATIONS_COLLECTION]
     deadline = time.time() + 120
     while time.time() < deadline:
-        record = ops.find_one({"dataset_id": dataset._doc.id,
+        record = ops.find_one({"dataset_id": dataset._doc.id, "type": "label_as",
+                               "params.remove": [] if mode == "add" else ["crash"],
                                "status": "pending", "batches_done": {"$gte": 3}})
         if record is not None:
             break
@@ -310,3 +314,44 @@ def test_a_killed_operation_is_surfaced_and_can_be_undone_or_resumed(dataset):
     assert len(ids) == total
     record = [o for o in bl.history(dataset) if o["operation_id"] == op_id][0]
     assert record["status"] == "applied"
+
+
+def _crash_labels(dataset):
+    """``{(sample id, label id)}`` of every "crash" label."""
+    pipeline = [
+        {"$unwind": "$concepts.classifications"},
+        {"$match": {"concepts.classifications.label": "crash"}},
+        {"$project": {"label_id": "$concepts.classifications._id"}},
+    ]
+    return {(d["_id"], d["label_id"])
+            for d in db.sample_coll(dataset).aggregate(pipeline)}
+
+
+@pytest.mark.slow
+def test_a_killed_remove_is_undone_or_resumed_exactly(dataset):
+    """A remove copies each chunk's labels before writing it, on parallel
+    writers: a kill at any point leaves every removed label recoverable."""
+    dataset.persistent = True
+    total = 200_000
+    insert_bare_samples(dataset, total)
+    bl.label(dataset, add=["crash", "keep"])
+    before = _crash_labels(dataset)
+    assert len(before) == total
+
+    # Killed mid-way: undo puts back every removed label, with its id
+    op_id = _start_and_kill(dataset, mode="remove")
+    assert 0 < _count_labeled(dataset) < total
+    result = bl.undo(dataset, op_id)
+    assert result["num_conflicts"] == 0
+    assert _crash_labels(dataset) == before
+
+    # Killed again: resume finishes it, and undo still restores it all
+    op_id = _start_and_kill(dataset, mode="remove")
+    assert 0 < _count_labeled(dataset) < total
+    bl.resume(dataset, op_id)
+    assert _count_labeled(dataset) == 0
+    coll = db.sample_coll(dataset)
+    assert coll.count_documents({"concepts.classifications.label": "keep"}) == total
+    result = bl.undo(dataset, op_id)
+    assert result["num_conflicts"] == 0
+    assert _crash_labels(dataset) == before

@@ -281,7 +281,8 @@ def _run_vocabulary_op(dataset, op_type, params, name, dry_run, user,
 
     fields = _label_fields(dataset, field)
     inverse = [
-        {"kind": "restore_labels", "field": f, "written_label": written_label}
+        {"kind": "restore_labels", "field": f, "names": [name],
+         "written_label": written_label}
         for f in fields
     ]
     params = dict(params, fields=fields)

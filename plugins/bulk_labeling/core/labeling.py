@@ -83,10 +83,12 @@ def iter_label(sample_collection, add=None, remove=None,
             "field": target_field,
             "prefixes": db.allocate_id_prefixes(dataset, len(add)),
         },
-        {"kind": "restore_labels", "field": target_field},
+        {"kind": "restore_labels", "field": target_field, "names": remove},
     ]
     if other_field:
-        inverse.append({"kind": "restore_labels", "field": other_field})
+        inverse.append(
+            {"kind": "restore_labels", "field": other_field, "names": add}
+        )
 
     op = yield from history.run_operation(
         dataset,

@@ -1051,8 +1051,6 @@ def _capture_keys(ids, field, keys, new_value, match):
         {"$match": ids.query(match)},
         {
             "$project": {
-                "_id": 0,
-                "sample_id": "$_id",
                 "prior": _pick(path, keys),
                 "after": _pick(new_value, keys),
             }
@@ -1089,7 +1087,7 @@ def _capture_merged_keys(ids, field, payload):
 
     return [
         {"$match": ids.query(match)},
-        {"$project": {"_id": 0, "sample_id": "$_id", "prior": prior, "after": after}},
+        {"$project": {"prior": prior, "after": after}},
     ]
 
 
@@ -1099,8 +1097,6 @@ def _capture_whole(ids, field, after, match):
         {"$match": ids.query(match)},
         {
             "$project": {
-                "_id": 0,
-                "sample_id": "$_id",
                 "prior": _whole("$" + field),
                 "after": _whole(after),
             }
@@ -1616,8 +1612,6 @@ def _write_geo(dataset, op):
                 {"$match": ids.query({"$expr": changes})},
                 {
                     "$project": {
-                        "_id": 0,
-                        "sample_id": "$_id",
                         "prior": _whole("$" + field),
                         "after": _whole(new_value),
                     }
