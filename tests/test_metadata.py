@@ -588,6 +588,24 @@ def test_undo_after_a_later_edit_is_a_conflict(dataset):
     assert values[ids[2]] == ordered({"camera": "old2", "site": {"row": 9}})
 
 
+def test_undo_of_a_removal_never_turns_a_replaced_document_into_an_object(dataset):
+    ids = seed(dataset, [{"a": 1, "b": 2}, {"a": 3, "b": 4}, {"a": 5}])
+    first = bl.edit_metadata(dataset, {"a": True}, mode="remove")
+    # later, raw writes: one document replaced by a string, one removed
+    coll = db.sample_coll(dataset)
+    coll.update_one({"_id": db_id(ids[0])}, {"$set": {FIELD: "replaced"}})
+    coll.update_one({"_id": db_id(ids[1])}, {"$unset": {FIELD: ""}})
+
+    result = bl.undo(dataset, first["operation_id"])
+    assert result["num_conflicts"] == 2
+    assert {c["sample_id"] for c in result["conflicts"]} == set(ids[:2])
+    values = {str(k): v for k, v in field_values(dataset).items()}
+    assert values[ids[0]] == ordered("replaced")
+    assert values[ids[1]] == "<absent>"
+    # the untouched sample gets its key back, in the order it had
+    assert values[ids[2]] == ordered({"a": 5})
+
+
 def test_undo_overwrite_after_a_later_edit_is_a_conflict(dataset):
     ids = seed(dataset, [{"a": 1}, {"a": 2}])
     first = bl.edit_metadata(dataset, {"b": 1}, mode="overwrite")
