@@ -31,6 +31,21 @@ else:
 from bulk_labeling.testing import insert_bare_samples  # noqa: E402,F401
 
 
+def warm_up():
+    """One small journaled operation of each kind, so that first-call costs
+    (the journal's indexes, imports, connections) stay out of the timings."""
+    import fiftyone as fo
+
+    import bulk_labeling as bl
+
+    dataset = fo.Dataset()
+    insert_bare_samples(dataset, 1000)
+    bl.label(dataset, add=["warm", "up"], progress=False)
+    bl.label(dataset, remove=["warm"], progress=False)
+    bl.edit_metadata(dataset, {"warm": {"up": 1}}, progress=False)
+    dataset.delete()
+
+
 def settle():
     """Flushes the set-up's writes to disk (a WiredTiger checkpoint), so
     that no checkpoint of them lands inside the operation timed next."""

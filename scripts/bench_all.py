@@ -42,9 +42,9 @@ RESULTS = REPO / "docs" / "BENCHMARKS.md"
 #: its --help are dropped, so the suite keeps running while scripts change
 BENCHMARKS = [
     ("label", "bench_label.py", {
-        "full": ["--samples", "100000", "--repeats", "2"],
-        "quick": ["--samples", "100000", "--repeats", "1"],
-        "smoke": ["--samples", "5000", "--repeats", "1", "--skip-slow"],
+        "full": ["--samples", "100000", "--rounds", "3"],
+        "quick": ["--samples", "100000", "--rounds", "1"],
+        "smoke": ["--samples", "5000", "--rounds", "1", "--skip-slow"],
     }),
     ("metadata", "bench_metadata.py", {
         "full": ["--samples", "100000", "--rounds", "3"],

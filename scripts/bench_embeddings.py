@@ -199,7 +199,7 @@ def main(argv=None):
             torch.__version__, torch.get_num_threads(), args.batch_size,
             workers, args.rounds, _bench.peak_rss_mb()),
         "",
-        "| ours | images/s | baseline | images/s | ratio | required |",
+        "| ours | ours (images/s) | baseline | baseline (images/s) | ratio ours/baseline | required |",
         "|---|---|---|---|---|---|",
     ]
     for ours, base, required in rows:

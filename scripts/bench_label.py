@@ -158,6 +158,7 @@ def main():
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     n = args.samples
+    _bench.warm_up()
     workers = db.write_workers()
 
     variants = {

@@ -186,6 +186,7 @@ def main():
     args = parser.parse_args()
     n = args.samples
 
+    _bench.warm_up()
     load_start = os.getloadavg()[0]
     names = ["ours", "raw {}", "raw $in", "raw {} + last_modified_at"]
     print("Merge of 3 keys on %s fresh samples" % format(n, ","), flush=True)

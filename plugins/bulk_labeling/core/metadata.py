@@ -1286,7 +1286,6 @@ def _write_edit(dataset, op):
     new_value = _new_value_expr(mode, field, payload)
     changes = _changes(new_value, field)
     pipeline_update = [{"$set": {field: new_value, "last_modified_at": "$$NOW"}}]
-    now = {"$currentDate": {"last_modified_at": True}}
     plan = _merge_plan(field, payload) if mode == "merge" else None
     coll = db.sample_coll(dataset)
 
@@ -1318,7 +1317,7 @@ def _write_edit(dataset, op):
                     ))
                 passes.append((
                     ids.query({"$and": [plan["safe"], plan["changed"]]}),
-                    dict({"$set": plan["set"]}, **now),
+                    {"$set": dict(plan["set"], last_modified_at=db.utcnow())},
                 ))
         elif mode == "overwrite":
             op.capture(
@@ -1330,7 +1329,7 @@ def _write_edit(dataset, op):
             passes.append((
                 ids.query({"$or": [{field: {"$ne": payload}},
                                    {field: {"$type": "array"}}]}),
-                dict({"$set": {field: payload}}, **now),
+                {"$set": {field: payload, "last_modified_at": db.utcnow()}},
             ))
         else:
             op.capture(
