@@ -797,6 +797,18 @@ def test_edit_metadata_form_validates_and_previews(dataset):
     assert raw_docs(dataset)[1].get(FIELD) is None
 
 
+def test_json_inputs_can_be_a_code_editor(dataset, monkeypatch):
+    seed(dataset, [{"camera": "old"}])
+    monkeypatch.setenv("BULK_LABELING_JSON_EDITOR", "code")
+    for name, params in (("edit_metadata", {"metadata": '{"a": '}),
+                         ("set_metadata_schema", {"schema": '{"type": "nope"}'})):
+        form = _resolve_inputs(dataset, name, params)
+        assert "CodeView" in form and '"language": "json"' in form
+        assert "TextFieldView" not in form
+        # validated inline as with the text area
+        assert "not valid JSON" in form or "Invalid JSON Schema" in form
+
+
 def test_set_metadata_schema_operator(dataset):
     seed(dataset, [{"camera": 1}, {"camera": "A"}])
     form = _resolve_inputs(dataset, "set_metadata_schema", {"schema": '{"type": "nope"}'})

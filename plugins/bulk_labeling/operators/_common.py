@@ -4,6 +4,8 @@ Operators are thin adapters: they build forms, parse params, call the core
 and report back. No database logic lives here.
 """
 
+import os
+
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from fiftyone.operators.constants import ViewTarget
@@ -146,13 +148,22 @@ def param_list(ctx, name):
     return list(value)
 
 
-def json_text_view(rows=8):
-    """The view of a JSON text param: a multi-line text area.
+#: ``BULK_LABELING_JSON_EDITOR``: ``"text"`` (default) or ``"code"``
+JSON_EDITOR_ENV = "BULK_LABELING_JSON_EDITOR"
 
-    FiftyOne's ``CodeView`` loads the Monaco editor from a CDN at run time,
-    so it never becomes editable in an App without internet access; the
-    operators validate the text inline as it is typed instead.
+
+def json_text_view(rows=8):
+    """The view of a JSON text param, validated inline as it is typed.
+
+    By default a multi-line text area: FiftyOne's ``CodeView`` loads the
+    Monaco editor from a CDN at run time, so it never becomes editable in an
+    App without internet access. Where the App's browsers reach the CDN,
+    ``BULK_LABELING_JSON_EDITOR=code`` (on the App server) gives the code
+    editor, with JSON highlighting, instead.
     """
+    editor = os.environ.get(JSON_EDITOR_ENV, "text").strip().lower()
+    if editor == "code":
+        return types.CodeView(language="json")
     return types.TextFieldView(multiline=True, rows=rows)
 
 
