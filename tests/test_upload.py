@@ -415,6 +415,24 @@ def test_operator_with_files_and_paths(dataset, tree, media_root, photos):
     assert dataset.count() == count
 
 
+def test_browser_files_that_arrive_empty_are_reported(dataset, media_root, photos):
+    one = {"name": "one.png", "type": "image/png", "size": 10,
+           "last_modified": 0, "content": _b64(photos[2], "PNG")}
+    result = run_operator("upload_with_concepts", dataset=dataset,
+                          params={"files": [one, None], "concepts": ["cat"]})
+    assert result["added"] == 1
+    assert [s["reason"] for s in result["skipped"]] == [
+        "1 file(s) listed in the form arrived without content (the browser "
+        "was still reading them): add them again"]
+
+    # Nothing arrived at all: a clear error, nothing written
+    count = dataset.count()
+    with pytest.raises(Exception, match="arrived without content"):
+        run_operator("upload_with_concepts", dataset=dataset,
+                     params={"files": [None, None], "concepts": ["cat"]})
+    assert dataset.count() == count
+
+
 def test_operator_form_placement_and_delegation(dataset, tree):
     import asyncio
 

@@ -73,8 +73,9 @@ def scan_hint(coll, ids):
     return None
 
 
-#: Up to this many targets, their ids are gathered in one array (at most
-#: about 8.5 MB) and sliced into batches; more are bucketed by id ranges
+#: Up to this many targets, their ids are gathered in one array (20 bytes
+#: an id: at most 10 MB of the 16 MB a document may hold) and sliced into
+#: batches; more are bucketed by id ranges
 GROUPED_TARGET_MAX = 500_000
 
 #: A bulk operation is split over several writers only when each gets at

@@ -452,9 +452,6 @@ def resolve_precision(precision, device):
     return precision
 
 
-_BF16_TOWERS = {}
-
-
 _ZOO_MODELS = {}
 _zoo_lock = threading.Lock()
 
@@ -504,7 +501,6 @@ def _short(e, limit=400):
 def clear_model_cache():
     with _zoo_lock:
         _ZOO_MODELS.clear()
-        _BF16_TOWERS.clear()
 
 
 def _bf16_image_tower(zoo_model):
@@ -515,11 +511,11 @@ def _bf16_image_tower(zoo_model):
     import torch
 
     with _zoo_lock:
-        tower = _BF16_TOWERS.get(id(zoo_model))
+        tower = getattr(zoo_model, "_bulk_labeling_bf16_tower", None)
         if tower is None:
             tower = copy.deepcopy(zoo_model._model.visual).to(torch.bfloat16)
             tower.eval()
-            _BF16_TOWERS[id(zoo_model)] = tower
+            zoo_model._bulk_labeling_bf16_tower = tower
         return tower
 
 

@@ -35,6 +35,13 @@ def _show_batch(ctx, result):
         yield ctx.ops.notify(result["index"], variant="info")
 
 
+def _missing_message(count):
+    return (
+        "%d file(s) listed in the form arrived without content (the browser "
+        "was still reading them): add them again" % count
+    )
+
+
 class UploadWithConcepts(foo.Operator):
     """Imports images (browser files and/or server paths) with concepts and
     metadata, in one journaled bulk write."""
@@ -182,12 +189,17 @@ class UploadWithConcepts(foo.Operator):
         return paths
 
     def _parse(self, ctx):
+        """The core's arguments, and how many browser files were listed in
+        the form but arrived without content (a file the browser was still
+        reading when the form was submitted)."""
         files = ctx.params.get("files")
         if isinstance(files, dict):
             files = [files]
-        return {
+        files = files or []
+        received = [f for f in files if f]
+        kwargs = {
             "paths": self._paths(ctx),
-            "files": [f for f in (files or []) if f],
+            "files": received,
             "concepts": _common.param_list(ctx, "concepts"),
             "field": ctx.params.get("field") or conc.DEFAULT_FIELD,
             "metadata": ctx.params.get("metadata") or None,
@@ -197,17 +209,26 @@ class UploadWithConcepts(foo.Operator):
             "recursive": bool(ctx.params.get("recursive", True)),
             "skip_existing": bool(ctx.params.get("skip_existing", True)),
         }
+        return kwargs, len(files) - len(received)
 
     def execute(self, ctx):
+        kwargs, missing = self._parse(ctx)
+
         def steps():
             if ctx.dataset is None:
                 raise BulkLabelingError("No dataset is loaded")
+            if missing and not kwargs["files"] and not kwargs["paths"]:
+                raise BulkLabelingError(_missing_message(missing))
 
-            return upload.iter_upload(
-                ctx.dataset,
-                user=_common.user_of(ctx),
-                **self._parse(ctx),
+            result = yield from upload.iter_upload(
+                ctx.dataset, user=_common.user_of(ctx), **kwargs
             )
+            if missing:
+                result["skipped"] = list(result.get("skipped") or []) + [
+                    {"path": "(a file from your computer)",
+                     "reason": _missing_message(1)}
+                ] * missing
+            return result
 
         return _common.execute_steps(ctx, self, steps, after=_show_batch)
 
