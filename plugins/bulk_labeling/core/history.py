@@ -249,13 +249,13 @@ class Operation(object):
         self._update(target=target, num_batches=seq, stage="writing")
         return count
 
-    def iter_target_batches(self, start=0):
+    def iter_target_batches(self):
         """Yields ``(seq, ids)`` for every stored chunk of target ids, the
         ids as an :class:`bulk_labeling.core.idbatch.IdBatch`."""
         _, targets, _ = _collections()
         raw = targets.with_options(codec_options=DEFAULT_RAW_BSON_OPTIONS)
         cursor = raw.find(
-            {"op_id": self.id, "seq": {"$gte": start}},
+            {"op_id": self.id},
             {"_id": 0, "ids": 1, "seq": 1, "count": 1},
         ).sort("seq", 1)
         for chunk in cursor:
@@ -323,7 +323,7 @@ class Operation(object):
             seq: the chunk of targets the captured samples belong to
         """
         marker = _capture_marker(seq, step)
-        _, _, undo = _collections()
+        ops, _, undo = _collections()
         if not self._fresh:
             # Resuming: a complete capture holds the state before the
             # interrupted write, which must not be captured again. An
@@ -356,7 +356,6 @@ class Operation(object):
         # aggregate() takes a hint as a document, not as (key, order) pairs
         list(coll.aggregate(pipeline + tail, allowDiskUse=True,
                             **({"hint": dict(hint)} if hint else {})))
-        ops, _, _ = _collections()
         ops.update_one({"_id": self.id}, {"$addToSet": {"captured": marker}})
 
     def capture_labels(self, ids, field, names, step, seq):
