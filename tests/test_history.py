@@ -234,6 +234,21 @@ def test_inversion_data_is_chunked_below_the_document_limit(
     assert max(len(encode(c)) for c in captures) < 16 * 1024 * 1024
 
 
+def test_a_bad_writer_setting_is_a_clear_error_that_writes_nothing(
+        dataset, monkeypatch):
+    make_samples(dataset, 5)
+    before = snapshot(dataset)
+    history_before = bl.history(dataset)
+    monkeypatch.setenv("BULK_LABELING_WRITE_WORKERS", "two")
+    for call in (lambda: bl.label(dataset, add=["cat"]),
+                 lambda: bl.edit_metadata(dataset, {"a": 1})):
+        with pytest.raises(bl.BulkLabelingError,
+                           match="BULK_LABELING_WRITE_WORKERS must be an integer"):
+            call()
+    assert snapshot(dataset) == before
+    assert bl.history(dataset) == history_before
+
+
 # --- crash safety ------------------------------------------------------------
 
 _CHILD = r"""

@@ -130,6 +130,9 @@ def iter_id_batches(sample_collection, count=None, batch_size=None):
     else:
         pipeline = sample_collection._pipeline()
 
+    # Sized here, not in the generator, so that a bad setting fails before
+    # the caller writes anything
+    batch_size = batch_size or batch_size_for(count)
     return _iter_packed_ids(
         sample_coll(sample_collection), pipeline, count, batch_size
     )
@@ -141,15 +144,13 @@ def iter_query_id_batches(dataset, query, count=None, batch_size=None):
     coll = sample_coll(dataset)
     if count is None:
         count = coll.count_documents(query)
+    batch_size = batch_size or batch_size_for(count)
     return _iter_packed_ids(coll, [{"$match": query}], count, batch_size)
 
 
 def _iter_packed_ids(coll, pipeline, count, batch_size):
     """The server packs each batch of ids into one array, which is kept raw
     (see :class:`bulk_labeling.core.idbatch.IdBatch`)."""
-    if batch_size is None:
-        batch_size = batch_size_for(count)
-
     pipeline = pipeline + [{"$project": {"_id": 1}}]
     if count <= GROUPED_TARGET_MAX:
         # One array, sliced into batches: no sort (about 40% less server
